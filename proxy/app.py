@@ -1,0 +1,239 @@
+"""Assembles a running gateway: the client listener, the handshake pipeline, the relay, signals and drain.
+
+This is the only module that wires the others together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import time
+
+from proxy import logs
+from proxy.errors import CloseCode, Rejection, UpstreamError
+from proxy.frames import accept_key
+from proxy.handshake import HandshakeRequest, admit
+from proxy.listener import HandshakeProtocol, http_response
+from proxy.policy.model import Address, Policy, TlsListen
+from proxy.relay import start_relay
+from proxy.sessions import Session, SessionRegistry
+from proxy.upstream import connect_upstream
+
+
+def listener_tls_context(tls: TlsListen) -> ssl.SSLContext:
+    """A server TLS context for the client listener."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
+
+
+class Gateway:
+    """One gateway process's state: the active policy, the listener, the live sessions."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.sessions = SessionRegistry()
+        self.draining = False
+        self.address: Address | None = None
+        self._server: asyncio.Server | None = None
+        self._handshakes: set[HandshakeProtocol] = set()
+        self._stopped = asyncio.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+
+    async def start(self) -> Address:
+        """Start listening; return the bound address (useful with port 0)."""
+        loop = asyncio.get_running_loop()
+        listen = self.policy.listen
+        tls = listener_tls_context(listen.tls) if listen.tls else None
+        self._server = await loop.create_server(
+            self._new_connection,
+            listen.address.host,
+            listen.address.port,
+            ssl=tls,
+            reuse_address=True,
+            backlog=1024,
+        )
+        host, port = self._server.sockets[0].getsockname()[:2]
+        self.address = Address(host, port)
+        logs.event(
+            "gateway.listening",
+            address=str(self.address),
+            tls=tls is not None,
+            routes=[route.path for route in self.policy.routes],
+            policy_sha256=self.policy.sha256[:12],
+        )
+        return self.address
+
+    async def stop(self) -> None:
+        """Graceful stop: refuse new connections, send 1001 to both sides of every session, wait up to
+        ``drain_timeout``, then cut what is left."""
+        if self.draining:
+            return
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for handshake in list(self._handshakes):
+            if handshake.task is None:
+                handshake.reject(Rejection(503, "draining", "the gateway is shutting down"))
+        live = len(self.sessions)
+        logs.event("gateway.draining", sessions=live, drain_timeout_s=self.policy.limits.drain_timeout)
+        self.sessions.close_all(CloseCode.GOING_AWAY, "server shutting down")
+        drained = await self.sessions.wait_empty(self.policy.limits.drain_timeout)
+        if not drained:
+            self.abort_all()
+        logs.event("gateway.stopped", drained=drained, cut=0 if drained else live)
+        self._stopped.set()
+
+    def abort_all(self) -> None:
+        """Cut every connection at once (second signal, or drain timeout)."""
+        for session in self.sessions:
+            session.client.transport.abort()
+            session.upstream.transport.abort()
+        for handshake in list(self._handshakes):
+            handshake.transport.abort()
+
+    async def wait_stopped(self) -> None:
+        """Until :meth:`stop` finished."""
+        await self._stopped.wait()
+
+    # -- handshakes ------------------------------------------------------------------------------------------------
+
+    def _new_connection(self) -> HandshakeProtocol:
+        limits = self.policy.limits
+        protocol = HandshakeProtocol(
+            limits,
+            tls=self.policy.listen.tls is not None,
+            on_request=self._on_request,
+            on_bad_request=self._reject,
+            on_close=self._handshakes.discard,
+        )
+        self._handshakes.add(protocol)
+        return protocol
+
+    def _on_request(self, connection: HandshakeProtocol, request: HandshakeRequest) -> None:
+        connection.task = asyncio.get_running_loop().create_task(self._handshake(connection, request))
+
+    def _reject(
+        self, connection: HandshakeProtocol, rejection: Rejection, request: HandshakeRequest | None = None
+    ) -> None:
+        logs.event(
+            "handshake.rejected",
+            logging.INFO if rejection.status < 500 else logging.WARNING,
+            request_id=connection.request_id,
+            client_ip=request.client_ip if request else connection.peer_ip,
+            path=request.path if request else None,
+            status=rejection.status,
+            reason=rejection.reason,
+            detail=rejection.detail,
+        )
+        connection.reject(rejection)
+
+    async def _handshake(self, connection: HandshakeProtocol, request: HandshakeRequest) -> None:
+        policy = self.policy
+        started = time.monotonic()
+        try:
+            admission = admit(request, policy, self.draining)
+            upstream = await connect_upstream(request, admission)
+        except Rejection as rejection:
+            self._reject(connection, rejection, request)
+            return
+        except UpstreamError as error:
+            self._reject(connection, Rejection(502, "upstream_unavailable", str(error)), request)
+            return
+        if connection.lost or self.draining:
+            upstream.transport.abort()
+            if not connection.lost:
+                self._reject(connection, Rejection(503, "draining", "the gateway is shutting down"), request)
+            return
+        headers: list[tuple[str, str]] = [
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Accept", accept_key(request.header("sec-websocket-key") or "")),
+        ]
+        if upstream.subprotocol is not None:
+            headers.append(("Sec-WebSocket-Protocol", upstream.subprotocol))
+        headers.append(("X-Request-Id", request.request_id))
+        headers.extend(upstream.response_headers)
+        connection.accept(http_response(101, headers))
+        self._handshakes.discard(connection)
+        route = admission.route
+        session = Session(
+            asyncio.get_running_loop(),
+            request.request_id,
+            route,
+            admission.client_ip,
+            upstream.subprotocol,
+            self._session_finished,
+        )
+        self.sessions.add(session)
+        logs.event(
+            "session.open",
+            request_id=request.request_id,
+            client_ip=admission.client_ip,
+            route=route.path,
+            upstream=route.upstream.url,
+            subprotocol=upstream.subprotocol,
+            handshake_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        start_relay(
+            session,
+            connection.transport,
+            upstream.transport,
+            connection.pending,
+            upstream.pending,
+            upstream.handshake.lost,
+        )
+
+    def _session_finished(self, session: Session) -> None:
+        self.sessions.remove(session)
+        logs.event(
+            "session.close",
+            request_id=session.request_id,
+            client_ip=session.client_ip,
+            route=session.route.path,
+            initiator=session.initiator,
+            code=session.close_code,
+            reason=session.close_reason,
+            duration_s=round(session.duration, 3),
+            client_messages=session.client.messages,
+            client_bytes=session.client.bytes,
+            upstream_messages=session.upstream.messages,
+            upstream_bytes=session.upstream.bytes,
+        )
+
+
+async def serve(policy: Policy) -> int:
+    """Run a gateway until SIGTERM/SIGINT; a second signal cuts every connection at once."""
+    gateway = Gateway(policy)
+    await gateway.start()
+    loop = asyncio.get_running_loop()
+    forced = asyncio.Event()
+    stop_task: asyncio.Task[None] | None = None
+
+    def on_signal(signum: int) -> None:
+        nonlocal stop_task
+        if stop_task is None:
+            logs.event("gateway.signal", signal=signal.Signals(signum).name, action="drain")
+            stop_task = loop.create_task(gateway.stop())
+        else:
+            logs.event("gateway.signal", signal=signal.Signals(signum).name, action="exit now")
+            gateway.abort_all()
+            forced.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    stopped = asyncio.ensure_future(gateway.wait_stopped())
+    force = asyncio.ensure_future(forced.wait())
+    await asyncio.wait({stopped, force}, return_when=asyncio.FIRST_COMPLETED)
+    for pending in (stopped, force):
+        pending.cancel()
+    if stop_task is not None and not stop_task.done():
+        stop_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stop_task
+    return 1 if forced.is_set() else 0

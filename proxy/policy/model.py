@@ -1,0 +1,155 @@
+"""Frozen, typed policy objects with units already converted.
+
+Everything here is built once by :mod:`proxy.policy.load` and then only read. Sizes are bytes (``int``),
+durations are seconds (``float``), rates are events per second (``float``). Hot paths read plain attributes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A host and port to listen on. ``host`` is an IP literal or name, without IPv6 brackets."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsListen:
+    """TLS for the client listener (wss://)."""
+
+    cert_file: Path
+    key_file: Path
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """The client listener."""
+
+    address: Address
+    tls: TlsListen | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Every bound and timeout, already in bytes and seconds.
+
+    The policy-level ``limits`` are the defaults; a route's ``limits`` override the keys that make sense per
+    route (see :data:`ROUTE_LIMIT_KEYS`), and :attr:`Route.limits` holds the merged result.
+    A timeout of ``0`` means "no timeout".
+    """
+
+    max_message_bytes: int = 1024 * 1024
+    max_header_bytes: int = 16 * 1024
+    idle_timeout: float = 300.0
+    handshake_timeout: float = 10.0
+    upstream_connect_timeout: float = 5.0
+    close_timeout: float = 5.0
+    drain_timeout: float = 30.0
+
+
+#: YAML key under ``limits`` -> field of :class:`Limits`.
+LIMIT_KEYS: dict[str, str] = {
+    "max_message_size": "max_message_bytes",
+    "max_header_bytes": "max_header_bytes",
+    "idle_timeout": "idle_timeout",
+    "handshake_timeout": "handshake_timeout",
+    "upstream_connect_timeout": "upstream_connect_timeout",
+    "close_timeout": "close_timeout",
+    "drain_timeout": "drain_timeout",
+}
+
+#: The ``limits`` keys a route may override; the others act before a route is known or are process-wide.
+ROUTE_LIMIT_KEYS: frozenset[str] = frozenset(
+    {"max_message_size", "idle_timeout", "upstream_connect_timeout", "close_timeout"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where a route's sessions go: a ws:// or wss:// URL split into what the connector needs."""
+
+    url: str
+    secure: bool
+    host: str
+    port: int
+    #: Path of the URL, or "" when the URL has none (then the client's path is sent as it is).
+    path: str
+    #: Query of the URL without "?", merged before the client's query.
+    query: str
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One path the gateway serves and the upstream behind it."""
+
+    path: str
+    match: Literal["exact", "prefix"]
+    upstream: Upstream
+    #: Name of the auth provider, or None for ``auth: none`` (open route).
+    auth: str | None
+    limits: Limits
+
+    def matches(self, request_path: str) -> bool:
+        """Whether ``request_path`` (no query) belongs to this route.
+
+        A prefix route ``/chat`` matches ``/chat`` and ``/chat/...`` but never ``/chatroom``.
+        """
+        if self.match == "exact":
+            return request_path == self.path
+        if request_path == self.path:
+            return True
+        prefix = self.path if self.path.endswith("/") else self.path + "/"
+        return request_path.startswith(prefix)
+
+    def upstream_target(self, request_path: str, query: str) -> str:
+        """The request target sent upstream, nginx ``proxy_pass`` style.
+
+        An upstream URL without a path gets the client's path unchanged; one with a path gets that path, plus
+        whatever followed the route's prefix. The upstream URL's query comes first, then the client's.
+        """
+        upstream = self.upstream
+        if not upstream.path:
+            path = request_path
+        elif self.match == "prefix" and request_path != self.path:
+            rest = request_path[len(self.path) :]
+            path = upstream.path.rstrip("/") + "/" + rest.lstrip("/")
+        else:
+            path = upstream.path
+        joined = "&".join(part for part in (upstream.query, query) if part)
+        return f"{path}?{joined}" if joined else path
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A whole policy file, valid and ready to serve."""
+
+    version: int
+    listen: Listen
+    admin: Address
+    limits: Limits
+    routes: tuple[Route, ...]
+    #: The file it came from (None when parsed from a string), and the sha256 of its bytes.
+    source: Path | None = None
+    sha256: str = ""
+
+    def match_route(self, request_path: str) -> Route | None:
+        """The route for a request path: an exact route first, then the longest matching prefix."""
+        best: Route | None = None
+        for route in self.routes:
+            if not route.matches(request_path):
+                continue
+            if route.match == "exact":
+                return route
+            if best is None or len(route.path) > len(best.path):
+                best = route
+        return best

@@ -1,0 +1,375 @@
+"""The relay: after the 101, frames flow between the client and the upstream through two :class:`Leg` s.
+
+Each leg is the asyncio protocol of one connection. It parses the frames its side sends, checks them, and
+writes them to the other side's transport in one call per ``data_received``:
+
+* upstream -> client frames are forwarded byte for byte (server frames are unmasked on both hops);
+* client -> upstream frames are re-masked with a fresh key (one XOR with the combined key), since a
+  gateway must not let a client choose the bytes that travel on the upstream's wire.
+
+Messages are never decoded, re-encoded or reassembled: fragments are forwarded as they come and the receiver
+reassembles them, while the leg tracks the message's running size. Backpressure is TCP's own: when a
+transport's write buffer fills, the other side's reading is paused until it drains, so a slow reader slows
+the sender instead of growing memory; a leg buffers at most one frame (bounded by ``max_message_size``).
+
+Close frames are carried across unchanged (code and reason), each side's close handshake is completed, and a
+side that vanishes without one is reported to the other with 1011 (upstream lost) or 1001 (client gone).
+The relay knows nothing of tokens or policy beyond the numbers in :class:`proxy.policy.model.Limits`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from proxy.errors import CloseCode
+from proxy.frames import MaskSource, ProtocolError, apply_mask, close_payload, encode_frame, parse_close
+from proxy.sessions import Session
+
+_monotonic = time.monotonic
+_CLOSE = 0x8
+_FIN = 0x80
+_RSV = 0x70
+
+#: One source of masking keys per process; a leg draws one key per frame it sends upstream.
+_masks = MaskSource()
+
+
+class Leg(asyncio.Protocol):
+    """One connection of a session: reads its side's frames and writes them to the peer leg's transport."""
+
+    __slots__ = (
+        "_buffer",
+        "_close_timer",
+        "_in_message",
+        "_max_message_bytes",
+        "_message_bytes",
+        "_recv_masked",
+        "bytes",
+        "close_received",
+        "close_sent",
+        "lost",
+        "messages",
+        "name",
+        "peer",
+        "session",
+        "transport",
+    )
+
+    def __init__(self, session: Session, name: str, transport: asyncio.Transport) -> None:
+        self.session = session
+        #: "client" or "upstream": the side this leg reads from.
+        self.name = name
+        self.transport = transport
+        self.peer: Leg
+        #: Frames from a client are masked (RFC 6455 5.3); frames from a server are not.
+        self._recv_masked = name == "client"
+        self._max_message_bytes = session.route.limits.max_message_bytes
+        self._buffer = bytearray()
+        self._in_message = False
+        self._message_bytes = 0
+        #: Data messages and payload bytes received from this side.
+        self.messages = 0
+        self.bytes = 0
+        self.close_received = False
+        self.close_sent = False
+        self.lost = False
+        self._close_timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        """Parse every whole frame in ``data``, forward the good ones in one write, act on the rest."""
+        self.session.last_activity = _monotonic()
+        if self.close_received:
+            return  # nothing may follow a close frame (RFC 6455 5.5.1)
+        if self._buffer:
+            self._buffer += data
+            buf: bytes | bytearray = self._buffer
+        else:
+            buf = data
+        if self.close_sent or self.peer.close_sent:
+            pos = self._skip_until_close(buf)
+        else:
+            try:
+                pos = self._relay_frames(buf)
+            except ProtocolError as error:
+                self._fail(error.code, str(error))
+                return
+        if self.lost or self.close_received:
+            return
+        if buf is self._buffer:
+            del self._buffer[:pos]
+        elif pos < len(buf):
+            self._buffer += memoryview(buf)[pos:]
+
+    def pause_writing(self) -> None:
+        """Our transport's buffer is full: stop reading from the side that fills it."""
+        peer_transport = self.peer.transport
+        if not peer_transport.is_closing():
+            peer_transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        """Our transport drained: read from the other side again."""
+        peer_transport = self.peer.transport
+        if not peer_transport.is_closing():
+            peer_transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        """A half-close ends the leg like a reset; returning False lets asyncio close the transport."""
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The connection is gone: tell the peer if it did not learn it from a close frame, then settle."""
+        self.lost = True
+        self._cancel_close_timer()
+        self._buffer = bytearray()
+        peer = self.peer
+        if not peer.lost and not peer.close_sent:
+            if self.close_received:
+                peer_code, peer_reason = CloseCode.GOING_AWAY, f"{self.name} closed"
+            elif self.name == "upstream":
+                peer_code, peer_reason = CloseCode.INTERNAL_ERROR, "upstream connection lost"
+            else:
+                peer_code, peer_reason = CloseCode.GOING_AWAY, "client went away"
+            self.session.note_close(self.name, CloseCode.ABNORMAL, "connection lost")
+            peer.send_close(peer_code, peer_reason)
+        elif not peer.lost and peer.close_received and not peer.transport.is_closing():
+            peer.transport.close()
+        self.session.leg_lost()
+
+    # -- frames -------------------------------------------------------------------------------------------------
+
+    def _relay_frames(self, buf: bytes | bytearray) -> int:
+        """Forward the whole frames at the start of ``buf``; return how many bytes were consumed.
+
+        Written for speed: this loop runs per frame, so it reads the header with indexing and integer
+        arithmetic, and writes once at the end.
+
+        Raises:
+            ProtocolError: the side broke RFC 6455 or a limit; frames before the bad one were forwarded.
+        """
+        size = len(buf)
+        pos = 0
+        recv_masked = self._recv_masked
+        mask_bit = 0x80 if recv_masked else 0
+        max_bytes = self._max_message_bytes
+        pieces: list[bytes] = []
+        try:
+            while size - pos >= 2:
+                b0 = buf[pos]
+                b1 = buf[pos + 1]
+                length = b1 & 0x7F
+                hlen = 2
+                if length == 126:
+                    if size - pos < 4:
+                        break
+                    length = (buf[pos + 2] << 8) | buf[pos + 3]
+                    hlen = 4
+                elif length == 127:
+                    if size - pos < 10:
+                        break
+                    length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                    hlen = 10
+                if (b1 & 0x80) != mask_bit:
+                    raise ProtocolError(
+                        "unmasked frame from the client" if recv_masked else "masked frame from the upstream"
+                    )
+                if recv_masked:
+                    hlen += 4
+                if b0 & _RSV:
+                    raise ProtocolError("reserved bits set, but no extension was negotiated")
+                opcode = b0 & 0x0F
+                if opcode & 0x8:
+                    if not b0 & _FIN or length > 125:
+                        raise ProtocolError("control frame fragmented or longer than 125 bytes")
+                    if opcode > 0xA:
+                        raise ProtocolError(f"unknown opcode {opcode}")
+                else:
+                    if opcode == 0:
+                        if not self._in_message:
+                            raise ProtocolError("continuation frame outside a message")
+                        total = self._message_bytes + length
+                    elif opcode > 2:
+                        raise ProtocolError(f"unknown opcode {opcode}")
+                    elif self._in_message:
+                        raise ProtocolError("new message before the previous one ended")
+                    else:
+                        total = length
+                    if total > max_bytes:
+                        raise ProtocolError(
+                            f"message larger than {max_bytes} bytes", CloseCode.MESSAGE_TOO_BIG
+                        )
+                end = pos + hlen + length
+                if end > size:
+                    break
+                if opcode == _CLOSE:
+                    self._flush(buf, pos, pieces)
+                    if recv_masked:
+                        payload = apply_mask(buf[pos + hlen : end], bytes(buf[pos + hlen - 4 : pos + hlen]))
+                    else:
+                        payload = bytes(buf[pos + hlen : end])
+                    self._handle_close(payload)
+                    return end
+                if not opcode & 0x8:
+                    if b0 & _FIN:
+                        self._in_message = False
+                        self._message_bytes = 0
+                        self.messages += 1
+                    else:
+                        self._in_message = True
+                        self._message_bytes = total
+                    self.bytes += length
+                if recv_masked:
+                    new_mask = _masks.next()
+                    combined = (
+                        int.from_bytes(buf[pos + hlen - 4 : pos + hlen], "little")
+                        ^ int.from_bytes(new_mask, "little")
+                    ).to_bytes(4, "little")
+                    pieces.append(bytes(buf[pos : pos + hlen - 4]))
+                    pieces.append(new_mask)
+                    pieces.append(apply_mask(buf[pos + hlen : end], combined))
+                pos = end
+        except ProtocolError:
+            self._flush(buf, pos, pieces)
+            raise
+        self._flush(buf, pos, pieces)
+        return pos
+
+    def _flush(self, buf: bytes | bytearray, pos: int, pieces: list[bytes]) -> None:
+        """Write what :meth:`_relay_frames` accepted so far to the other side, in one call."""
+        if self._recv_masked:
+            if pieces:
+                self.peer.transport.write(b"".join(pieces))
+        elif pos:
+            # Server frames travel unchanged: everything consumed so far is one contiguous run.
+            self.peer.transport.write(buf if pos == len(buf) and isinstance(buf, bytes) else bytes(buf[:pos]))
+
+    def _handle_close(self, payload: bytes) -> None:
+        try:
+            code, reason = parse_close(payload)
+        except ProtocolError as error:
+            self._fail(error.code, str(error))
+            return
+        self.close_received = True
+        self.session.note_close(self.name, code, reason)
+        peer = self.peer
+        if not peer.close_sent and not peer.lost:
+            peer._send_close_payload(payload)
+        if self.close_sent:
+            self._shutdown()
+        elif peer.lost:
+            # No reply will come from the other side: answer this side with its own code.
+            self._send_close_payload(payload)
+
+    def _skip_until_close(self, buf: bytes | bytearray) -> int:
+        """After a close was sent, frames are dropped until this side's close frame arrives."""
+        size = len(buf)
+        pos = 0
+        while size - pos >= 2:
+            b1 = buf[pos + 1]
+            length = b1 & 0x7F
+            hlen = 2
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length = (buf[pos + 2] << 8) | buf[pos + 3]
+                hlen = 4
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                hlen = 10
+            if b1 & 0x80:
+                hlen += 4
+            if length > self._max_message_bytes:
+                self._shutdown(abort=True)
+                return size
+            end = pos + hlen + length
+            if end > size:
+                break
+            if buf[pos] & 0x0F == _CLOSE:
+                payload = bytes(buf[pos + hlen : end])
+                if b1 & 0x80:
+                    payload = apply_mask(payload, bytes(buf[pos + hlen - 4 : pos + hlen]))
+                self._handle_close(payload)
+                return end
+            pos = end
+        return pos
+
+    # -- closing ------------------------------------------------------------------------------------------------
+
+    def send_close(self, code: int, reason: str) -> None:
+        """Send a close frame to this side (once), then wait ``close_timeout`` for its reply."""
+        self._send_close_payload(close_payload(code, reason))
+
+    def _send_close_payload(self, payload: bytes) -> None:
+        if self.close_sent or self.lost:
+            return
+        self.close_sent = True
+        mask = _masks.next() if not self._recv_masked else None
+        self.transport.write(encode_frame(_CLOSE, payload, mask))
+        if self.close_received:
+            self._shutdown()
+            return
+        # The other side may be paused by backpressure; it must read to see our close.
+        self.transport.resume_reading()
+        timeout = self.session.route.limits.close_timeout
+        self._close_timer = self.session.loop.call_later(timeout, self._shutdown, True)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """This side broke the protocol or a limit: it gets ``code``, the other side a plain going-away."""
+        self.session.note_close("gateway", code, reason)
+        self._send_close_payload(close_payload(code, reason))
+        self.close_received = True  # read nothing more from an offender
+        self._shutdown()
+        if self.name == "upstream":
+            self.peer.send_close(CloseCode.BAD_GATEWAY, "upstream protocol error")
+        else:
+            self.peer.send_close(CloseCode.GOING_AWAY, "client closed by gateway")
+
+    def _shutdown(self, abort: bool = False) -> None:
+        """Both close frames crossed on this connection (or time ran out): close the socket."""
+        self._cancel_close_timer()
+        if self.lost:
+            return
+        if abort:
+            self.transport.abort()
+        else:
+            self.transport.close()
+
+    def _cancel_close_timer(self) -> None:
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+
+
+def start_relay(
+    session: Session,
+    client_transport: asyncio.Transport,
+    upstream_transport: asyncio.Transport,
+    client_pending: bytes,
+    upstream_pending: bytes,
+    upstream_already_lost: bool,
+) -> None:
+    """Hand both connections to a new pair of legs and start reading.
+
+    ``*_pending`` are the bytes that arrived right behind each side's handshake.
+    """
+    client = Leg(session, "client", client_transport)
+    upstream = Leg(session, "upstream", upstream_transport)
+    client.peer = upstream
+    upstream.peer = client
+    session.start(client, upstream)
+    client_transport.set_protocol(client)
+    upstream_transport.set_protocol(upstream)
+    if upstream_already_lost:
+        upstream.connection_lost(None)
+        return
+    if upstream_pending:
+        upstream.data_received(upstream_pending)
+    if client_pending:
+        client.data_received(client_pending)
+    for transport in (client_transport, upstream_transport):
+        if not transport.is_closing():
+            transport.resume_reading()

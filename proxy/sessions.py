@@ -1,0 +1,156 @@
+"""Live sessions and the registry that drain and (later) reload enforcement walk over.
+
+A :class:`Session` is created once a client got its 101 and lives until both of its connections are gone. It
+holds what the close log line and the metrics need; the relay legs hold the per-direction counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from proxy.policy.model import Route
+
+if TYPE_CHECKING:
+    from proxy.relay import Leg
+
+
+class Session:
+    """One relayed WebSocket: a client leg, an upstream leg, and how it ended."""
+
+    __slots__ = (
+        "_idle_handle",
+        "_on_finish",
+        "client",
+        "client_ip",
+        "close_code",
+        "close_reason",
+        "finished",
+        "initiator",
+        "last_activity",
+        "loop",
+        "request_id",
+        "route",
+        "started",
+        "subprotocol",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        request_id: str,
+        route: Route,
+        client_ip: str,
+        subprotocol: str | None,
+        on_finish: Callable[[Session], None],
+    ) -> None:
+        self.loop = loop
+        self.request_id = request_id
+        self.route = route
+        self.client_ip = client_ip
+        self.subprotocol = subprotocol
+        self.started = time.monotonic()
+        self.last_activity = self.started
+        #: Who closed first: "client", "upstream" or "gateway"; None while open.
+        self.initiator: str | None = None
+        #: The close code and reason that ended the session (1006 when a connection vanished without one).
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.finished = False
+        self.client: Leg
+        self.upstream: Leg
+        self._on_finish = on_finish
+        self._idle_handle: asyncio.TimerHandle | None = None
+
+    def start(self, client: Leg, upstream: Leg) -> None:
+        """Attach both legs and arm the idle timer."""
+        self.client = client
+        self.upstream = upstream
+        idle = self.route.limits.idle_timeout
+        if idle > 0:
+            self._idle_handle = self.loop.call_later(idle, self._check_idle)
+
+    def _check_idle(self) -> None:
+        # One timer per session, re-armed for the remaining time, instead of a reset per frame.
+        idle = self.route.limits.idle_timeout
+        remaining = self.last_activity + idle - time.monotonic()
+        if remaining > 0:
+            self._idle_handle = self.loop.call_later(remaining, self._check_idle)
+            return
+        self._idle_handle = None
+        self.close(1001, "idle timeout")
+
+    def note_close(self, initiator: str, code: int | None, reason: str) -> None:
+        """Record who ended the session and how; only the first call counts."""
+        if self.initiator is None:
+            self.initiator = initiator
+            self.close_code = code
+            self.close_reason = reason
+
+    def close(
+        self, client_code: int, client_reason: str, upstream_code: int = 1001, upstream_reason: str = ""
+    ) -> None:
+        """Close the session from the gateway: each side gets its own close frame, then its reply is awaited."""
+        if self.finished:
+            return
+        self.note_close("gateway", client_code, client_reason)
+        self.client.send_close(client_code, client_reason)
+        self.upstream.send_close(upstream_code, upstream_reason or client_reason)
+
+    def leg_lost(self) -> None:
+        """Called by a leg whose connection is gone; the session ends when both are."""
+        if self.finished or not (self.client.lost and self.upstream.lost):
+            return
+        self.finished = True
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        self._on_finish(self)
+
+    @property
+    def duration(self) -> float:
+        """Seconds since the 101."""
+        return time.monotonic() - self.started
+
+
+class SessionRegistry:
+    """The live sessions of one gateway process."""
+
+    def __init__(self) -> None:
+        self._sessions: set[Session] = set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(self._sessions))
+
+    def add(self, session: Session) -> None:
+        """Register a session that just got its 101."""
+        self._sessions.add(session)
+        self._empty.clear()
+
+    def remove(self, session: Session) -> None:
+        """Forget a finished session."""
+        self._sessions.discard(session)
+        if not self._sessions:
+            self._empty.set()
+
+    def close_all(self, code: int, reason: str) -> None:
+        """Send ``code``/``reason`` to both sides of every live session."""
+        for session in list(self._sessions):
+            session.close(code, reason, code, reason)
+
+    async def wait_empty(self, timeout: float) -> bool:
+        """Wait until no session is left; False when ``timeout`` ran out first."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._empty.wait()
+        except TimeoutError:
+            return False
+        return True

@@ -1,0 +1,235 @@
+"""Connecting to a route's upstream: TCP (or TLS), the client side of the WebSocket handshake, and the
+headers the upstream gets.
+
+The upstream is connected before the client gets its 101, so an unreachable or unwilling upstream is an
+honest 502 rather than a 101 followed by a close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from dataclasses import dataclass
+from functools import lru_cache
+
+import h11
+
+from proxy.errors import UpstreamError
+from proxy.frames import accept_key, new_client_key
+from proxy.handshake import Admission, HandshakeRequest
+from proxy.policy.model import Route
+
+#: Hop-by-hop headers (RFC 9110 7.6.1) and the handshake's own headers: never copied from one hop to the next.
+_NOT_FORWARDED = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-accept",
+        "sec-websocket-protocol",
+    }
+)
+
+#: Headers the gateway sets itself; a client's own values are dropped so they cannot be spoofed.
+_GATEWAY_SET = frozenset(
+    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-uri", "x-request-id", "forwarded"}
+)
+
+
+@dataclass(slots=True)
+class UpstreamConnection:
+    """An upstream that accepted the WebSocket; its transport is paused until the relay takes it."""
+
+    transport: asyncio.Transport
+    handshake: UpstreamHandshake
+    subprotocol: str | None
+    #: End-to-end headers of the upstream's 101 worth passing to the client (e.g. Set-Cookie).
+    response_headers: list[tuple[str, str]]
+    #: Bytes that arrived right behind the 101.
+    pending: bytes
+
+
+def upstream_request_headers(
+    request: HandshakeRequest, admission: Admission, host_header: str, key: str
+) -> list[tuple[str, str]]:
+    """The headers of the upstream handshake: the client's end-to-end headers, minus hop-by-hop ones and
+    those named in its ``Connection`` header, plus the gateway's ``X-Forwarded-*`` and ``X-Request-Id``."""
+    named_hops = set(request.header_tokens("connection"))
+    headers: list[tuple[str, str]] = [
+        ("host", host_header),
+        ("upgrade", "websocket"),
+        ("connection", "Upgrade"),
+        ("sec-websocket-key", key),
+        ("sec-websocket-version", "13"),
+    ]
+    protocols = [value for name, value in request.headers if name == "sec-websocket-protocol"]
+    if protocols:
+        headers.append(("sec-websocket-protocol", ", ".join(protocols)))
+    for name, value in request.headers:
+        if name in _NOT_FORWARDED or name in _GATEWAY_SET or name in named_hops:
+            continue
+        headers.append((name, value))
+    original_host = request.header("host")
+    headers.append(("x-forwarded-for", admission.client_ip))
+    headers.append(("x-forwarded-proto", "https" if request.tls else "http"))
+    if original_host:
+        headers.append(("x-forwarded-host", original_host))
+    headers.append(("x-forwarded-uri", request.target))
+    headers.append(("x-request-id", request.request_id))
+    headers.extend(admission.extra_headers)
+    return headers
+
+
+class UpstreamHandshake(asyncio.Protocol):
+    """The protocol of an upstream connection until its 101: sends the request, reads the answer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, target: str, headers: list[tuple[str, str]]) -> None:
+        self.done: asyncio.Future[tuple[int, list[tuple[str, str]], bytes]] = loop.create_future()
+        self.lost = False
+        self._parser = h11.Connection(h11.CLIENT)
+        self._request_bytes = self._parser.send(h11.Request(method="GET", target=target, headers=headers)) or b""
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        transport.write(self._request_bytes)
+
+    def data_received(self, data: bytes) -> None:
+        if self.done.done():
+            return
+        self._parser.receive_data(data)
+        while True:
+            try:
+                event = self._parser.next_event()
+            except h11.RemoteProtocolError as error:
+                self._fail(f"invalid HTTP from upstream: {error}")
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.InformationalResponse) and event.status_code == 101:
+                if self._transport is not None:
+                    self._transport.pause_reading()
+                headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in event.headers]
+                self._parser.next_event()  # PAUSED: what follows the 101 is WebSocket frames
+                pending = self._parser.trailing_data[0]
+                self.done.set_result((101, headers, bytes(pending)))
+                return
+            if isinstance(event, h11.Response):
+                self._fail(f"upstream answered HTTP {event.status_code} instead of 101")
+                return
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if not self.done.done():
+            self.done.set_exception(UpstreamError("upstream closed the connection during the handshake"))
+
+    def _fail(self, message: str) -> None:
+        if not self.done.done():
+            self.done.set_exception(UpstreamError(message))
+
+
+def _header(headers: list[tuple[str, str]], name: str) -> str | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+_SKIP_IN_101 = _NOT_FORWARDED | {"date", "server"}
+
+
+def _check_101(
+    headers: list[tuple[str, str]], key: str, offered: list[str]
+) -> tuple[str | None, list[tuple[str, str]]]:
+    """Validate the upstream's 101 (RFC 6455 4.1); return its subprotocol and the headers to pass on."""
+    if (_header(headers, "upgrade") or "").lower() != "websocket":
+        raise UpstreamError("upstream's 101 lacks 'Upgrade: websocket'")
+    if _header(headers, "sec-websocket-accept") != accept_key(key):
+        raise UpstreamError("upstream Sec-WebSocket-Accept does not match the key sent")
+    if _header(headers, "sec-websocket-extensions"):
+        raise UpstreamError("upstream negotiated an extension the gateway did not offer")
+    subprotocol = _header(headers, "sec-websocket-protocol")
+    if subprotocol is not None and subprotocol not in offered:
+        raise UpstreamError(f"upstream chose subprotocol {subprotocol!r}, which the client did not offer")
+    passed = [(name, value) for name, value in headers if name not in _SKIP_IN_101]
+    return subprotocol, passed
+
+
+@lru_cache(maxsize=1)
+def _default_tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context()
+
+
+def _describe(error: BaseException, route: Route, timeout: float) -> str:
+    target = f"{route.upstream.host}:{route.upstream.port}"
+    if isinstance(error, TimeoutError):
+        return f"upstream {target} did not complete the handshake within {timeout:g}s"
+    if isinstance(error, ConnectionRefusedError):
+        return f"upstream {target} refused the connection"
+    if isinstance(error, socket.gaierror):
+        return f"upstream host {route.upstream.host} could not be resolved"
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"upstream {target} TLS certificate not trusted: {error.verify_message}"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS with upstream {target} failed: {error.reason}"
+    if isinstance(error, OSError):
+        return f"cannot connect to upstream {target}: {error.strerror or error}"
+    return str(error)
+
+
+async def connect_upstream(request: HandshakeRequest, admission: Admission) -> UpstreamConnection:
+    """Open the route's upstream and complete its WebSocket handshake within ``upstream_connect_timeout``.
+
+    Raises:
+        UpstreamError: with a short sentence naming the cause (refused, timed out, TLS, bad answer).
+    """
+    route = admission.route
+    upstream = route.upstream
+    loop = asyncio.get_running_loop()
+    key = new_client_key()
+    default_port = 443 if upstream.secure else 80
+    host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
+    host_header = host if upstream.port == default_port else f"{host}:{upstream.port}"
+    headers = upstream_request_headers(request, admission, host_header, key)
+    offered = request.header_tokens("sec-websocket-protocol")
+    target = route.upstream_target(request.path, request.query)
+    timeout = route.limits.upstream_connect_timeout
+    transport: asyncio.BaseTransport | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            transport, protocol = await loop.create_connection(
+                lambda: UpstreamHandshake(loop, target, headers),
+                upstream.host,
+                upstream.port,
+                ssl=_default_tls_context() if upstream.secure else None,
+                server_hostname=upstream.host if upstream.secure else None,
+            )
+            _status, response_headers, pending = await protocol.done
+        subprotocol, passed = _check_101(response_headers, key, offered)
+    except UpstreamError:
+        if transport is not None:
+            transport.abort()
+        raise
+    except (OSError, TimeoutError) as error:
+        if transport is not None:
+            transport.abort()
+        raise UpstreamError(_describe(error, route, timeout)) from error
+    except BaseException:
+        if transport is not None:
+            transport.abort()
+        raise
+    assert isinstance(transport, asyncio.Transport)
+    return UpstreamConnection(transport, protocol, subprotocol, passed, pending)
