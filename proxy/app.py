@@ -43,7 +43,7 @@ class Gateway:
         self._handshakes: set[HandshakeProtocol] = set()
         self._stopped = asyncio.Event()
 
-    # -- lifecycle ------------------------------------------------------------------------------------------------
+    # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> Address:
         """Start listening; return the bound address (useful with port 0)."""
@@ -101,7 +101,7 @@ class Gateway:
         """Until :meth:`stop` finished."""
         await self._stopped.wait()
 
-    # -- handshakes ------------------------------------------------------------------------------------------------
+    # -- handshakes ------------------------------------------------------------------------
 
     def _new_connection(self) -> HandshakeProtocol:
         limits = self.policy.limits
@@ -144,6 +144,11 @@ class Gateway:
             return
         except UpstreamError as error:
             self._reject(connection, Rejection(502, "upstream_unavailable", str(error)), request)
+            return
+        except Exception:  # noqa: BLE001 - logged with its traceback, answered with 500
+            # A bug must cost one handshake, never the process: log it and answer 500.
+            logs.LOGGER.exception("handshake.error", extra={"fields": {"request_id": request.request_id}})
+            self._reject(connection, Rejection(500, "internal_error", "internal error"), request)
             return
         if connection.lost or self.draining:
             upstream.transport.abort()

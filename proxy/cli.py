@@ -48,16 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check",
         help="validate a policy file",
-        description="Validate a policy file: exit 0 when it is valid, 1 with file:line: key: message when not.",
+        description="Validate a policy file: exit 0 if valid, else 1 with file:line: key: message.",
     )
     check.add_argument("-c", "--config", required=True, metavar="FILE", help="policy file (YAML)")
 
     demo = commands.add_parser(
         "demo",
         help="run the gateway in front of a built-in echo service",
-        description="Start a built-in echo upstream and the gateway in front of it, with a ready-made policy.",
+        description="Start a built-in echo upstream and the gateway in front of it.",
     )
-    demo.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="default: 127.0.0.1:8080")
+    demo.add_argument(
+        "--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="default: 127.0.0.1:8080"
+    )
     _add_log_options(demo)
     return parser
 

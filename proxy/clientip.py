@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 
 def normalize_ip(address: str) -> str:
@@ -21,3 +22,42 @@ def peer_ip(peername: object) -> str:
     if isinstance(peername, tuple) and peername:
         return normalize_ip(str(peername[0]))
     return "unknown"
+
+
+def _parse(address: str) -> IPv4Address | IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(address.strip().split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _trusted(ip: IPv4Address | IPv6Address, trusted: tuple[IPv4Network | IPv6Network, ...]) -> bool:
+    return any(ip.version == network.version and ip in network for network in trusted)
+
+
+def resolve_client_ip(
+    peer: str, forwarded_for: list[str], trusted: tuple[IPv4Network | IPv6Network, ...]
+) -> tuple[str, str]:
+    """The real client IP and the ``X-Forwarded-For`` value to send upstream.
+
+    ``X-Forwarded-For`` is believed only from a trusted peer, and then read right to left: each hop a trusted
+    proxy appended is skipped, and the first address not in ``trusted`` is the client (what nginx calls
+    ``real_ip_recursive``). A malformed entry ends the walk at the last good hop, so junk a client wrote can
+    never become its IP. From an untrusted peer the header is ignored and the peer is the client.
+    """
+    peer_address = _parse(peer)
+    if peer_address is None or not trusted or not forwarded_for or not _trusted(peer_address, trusted):
+        return peer, peer
+    hops = [hop.strip() for value in forwarded_for for hop in value.split(",") if hop.strip()]
+    client = peer_address
+    for hop in reversed(hops):
+        address = _parse(hop)
+        if address is None:
+            break
+        client = address
+        if not _trusted(address, trusted):
+            break
+    return str(client), ", ".join([*hops, peer])

@@ -10,7 +10,7 @@ import textwrap
 
 from aiohttp import WSMsgType, web
 
-from proxy.policy.load import parse_policy  # noqa: I001
+from proxy.policy.load import parse_policy
 
 DEMO_POLICY = """\
 version: 1
@@ -49,9 +49,8 @@ async def start_echo_upstream(host: str = "127.0.0.1", port: int = 0) -> tuple[w
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    server = site._server
-    assert server is not None and server.sockets
-    return runner, server.sockets[0].getsockname()[1]
+    port = runner.addresses[0][1]
+    return runner, int(port)
 
 
 async def run_demo(listen: str) -> int:
@@ -74,4 +73,3 @@ async def run_demo(listen: str) -> int:
         return await serve(policy)
     finally:
         await runner.cleanup()
-

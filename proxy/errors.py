@@ -66,7 +66,9 @@ class Rejection(Exception):
     headers: tuple[tuple[str, str], ...] = field(default=())
 
     def __str__(self) -> str:
-        return f"{self.status} {self.reason}: {self.detail}" if self.detail else f"{self.status} {self.reason}"
+        return (
+            f"{self.status} {self.reason}: {self.detail}" if self.detail else f"{self.status} {self.reason}"
+        )
 
 
 class UpstreamError(Exception):

@@ -46,7 +46,7 @@ class ProtocolError(Exception):
 
 def accept_key(client_key: str) -> str:
     """The ``Sec-WebSocket-Accept`` value for a ``Sec-WebSocket-Key`` (RFC 6455 section 4.2.2)."""
-    digest = hashlib.sha1(client_key.encode("ascii") + _GUID).digest()  # noqa: S324 - mandated by RFC 6455
+    digest = hashlib.sha1(client_key.encode("ascii") + _GUID).digest()
     return base64.b64encode(digest).decode("ascii")
 
 
@@ -76,7 +76,7 @@ def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes:
 
 
 class MaskSource:
-    """Unpredictable 4-byte masking keys, drawn from the OS in batches to keep ``os.urandom`` off the hot path."""
+    """Unpredictable 4-byte masking keys, drawn from the OS in batches (off the hot path)."""
 
     __slots__ = ("_pool", "_pos")
 
@@ -97,7 +97,7 @@ class MaskSource:
 
 
 def encode_header(first_byte: int, length: int, mask: bytes | None) -> bytes:
-    """A frame header: ``first_byte`` holds FIN, RSV and the opcode; ``mask`` set for client-to-server frames."""
+    """A frame header: ``first_byte`` holds FIN, RSV and the opcode; ``mask`` for client-to-server frames."""
     mask_bit = 0x80 if mask is not None else 0
     if length < 126:
         header = bytes((first_byte, mask_bit | length))

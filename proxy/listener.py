@@ -27,7 +27,9 @@ def new_request_id() -> str:
     return os.urandom(8).hex()
 
 
-def http_response(status: int, headers: list[tuple[str, str]] | tuple[tuple[str, str], ...], body: bytes = b"") -> bytes:
+def http_response(
+    status: int, headers: list[tuple[str, str]] | tuple[tuple[str, str], ...], body: bytes = b""
+) -> bytes:
     """A complete HTTP/1.1 response head (and body)."""
     lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"]
     lines.extend(f"{name}: {value}" for name, value in headers)
@@ -39,7 +41,8 @@ def http_response(status: int, headers: list[tuple[str, str]] | tuple[tuple[str,
 def rejection_response(rejection: Rejection, request_id: str) -> bytes:
     """The HTTP answer to a refused handshake: status, headers and ``{"error", "detail", "request_id"}``."""
     body = json.dumps(
-        {"error": rejection.reason, "detail": rejection.detail, "request_id": request_id}, separators=(",", ":")
+        {"error": rejection.reason, "detail": rejection.detail, "request_id": request_id},
+        separators=(",", ":"),
     ).encode()
     headers = [
         ("Content-Type", "application/json"),

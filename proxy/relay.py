@@ -24,6 +24,8 @@ import time
 
 from proxy.errors import CloseCode
 from proxy.frames import MaskSource, ProtocolError, apply_mask, close_payload, encode_frame, parse_close
+from proxy.policy.model import MessageRate, MessageRules
+from proxy.rules import MessageChecker
 from proxy.sessions import Session
 
 _monotonic = time.monotonic
@@ -41,11 +43,15 @@ class Leg(asyncio.Protocol):
     __slots__ = (
         "_buffer",
         "_close_timer",
+        "_dropping",
+        "_fragments",
         "_in_message",
         "_max_message_bytes",
         "_message_bytes",
+        "_message_opcode",
         "_recv_masked",
         "bytes",
+        "checker",
         "close_received",
         "close_sent",
         "lost",
@@ -56,7 +62,14 @@ class Leg(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, session: Session, name: str, transport: asyncio.Transport) -> None:
+    def __init__(
+        self,
+        session: Session,
+        name: str,
+        transport: asyncio.Transport,
+        max_message_bytes: int,
+        checker: MessageChecker | None = None,
+    ) -> None:
         self.session = session
         #: "client" or "upstream": the side this leg reads from.
         self.name = name
@@ -64,7 +77,12 @@ class Leg(asyncio.Protocol):
         self.peer: Leg
         #: Frames from a client are masked (RFC 6455 5.3); frames from a server are not.
         self._recv_masked = name == "client"
-        self._max_message_bytes = session.route.limits.max_message_bytes
+        self._max_message_bytes = max_message_bytes
+        #: The direction's message rules, or None when nothing but frame syntax and size is checked.
+        self.checker = checker
+        self._fragments: list[bytes] = []
+        self._message_opcode = 0
+        self._dropping = False
         self._buffer = bytearray()
         self._in_message = False
         self._message_bytes = 0
@@ -76,11 +94,11 @@ class Leg(asyncio.Protocol):
         self.lost = False
         self._close_timer: asyncio.TimerHandle | None = None
 
-    # -- asyncio.Protocol -------------------------------------------------------------------------------------
+    # -- asyncio.Protocol ------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
         """Parse every whole frame in ``data``, forward the good ones in one write, act on the rest."""
-        self.session.last_activity = _monotonic()
+        now = self.session.last_activity = _monotonic()
         if self.close_received:
             return  # nothing may follow a close frame (RFC 6455 5.5.1)
         if self._buffer:
@@ -92,7 +110,7 @@ class Leg(asyncio.Protocol):
             pos = self._skip_until_close(buf)
         else:
             try:
-                pos = self._relay_frames(buf)
+                pos = self._relay_frames(buf, now)
             except ProtocolError as error:
                 self._fail(error.code, str(error))
                 return
@@ -138,9 +156,9 @@ class Leg(asyncio.Protocol):
             peer.transport.close()
         self.session.leg_lost()
 
-    # -- frames -------------------------------------------------------------------------------------------------
+    # -- frames ------------------------------------------------------------------------
 
-    def _relay_frames(self, buf: bytes | bytearray) -> int:
+    def _relay_frames(self, buf: bytes | bytearray, now: float) -> int:
         """Forward the whole frames at the start of ``buf``; return how many bytes were consumed.
 
         Written for speed: this loop runs per frame, so it reads the header with indexing and integer
@@ -154,6 +172,7 @@ class Leg(asyncio.Protocol):
         recv_masked = self._recv_masked
         mask_bit = 0x80 if recv_masked else 0
         max_bytes = self._max_message_bytes
+        checker = self.checker
         pieces: list[bytes] = []
         try:
             while size - pos >= 2:
@@ -220,7 +239,13 @@ class Leg(asyncio.Protocol):
                         self._in_message = True
                         self._message_bytes = total
                     self.bytes += length
-                if recv_masked:
+                    if checker is not None:
+                        self._checked_message(b0, opcode, buf, pos, hlen, end, now, pieces)
+                        pos = end
+                        continue
+                if checker is not None:
+                    pieces.append(self._outgoing(buf, pos, hlen, end))
+                elif recv_masked:
                     new_mask = _masks.next()
                     combined = (
                         int.from_bytes(buf[pos + hlen - 4 : pos + hlen], "little")
@@ -236,9 +261,75 @@ class Leg(asyncio.Protocol):
         self._flush(buf, pos, pieces)
         return pos
 
+    def _outgoing(self, buf: bytes | bytearray, pos: int, hlen: int, end: int) -> bytes:
+        """A frame as the other side must get it: re-masked towards the upstream, unchanged to a client."""
+        if not self._recv_masked:
+            return bytes(buf[pos:end])
+        new_mask = _masks.next()
+        combined = (
+            int.from_bytes(buf[pos + hlen - 4 : pos + hlen], "little") ^ int.from_bytes(new_mask, "little")
+        ).to_bytes(4, "little")
+        return bytes(buf[pos : pos + hlen - 4]) + new_mask + apply_mask(buf[pos + hlen : end], combined)
+
+    def _checked_message(
+        self,
+        b0: int,
+        opcode: int,
+        buf: bytes | bytearray,
+        pos: int,
+        hlen: int,
+        end: int,
+        now: float,
+        pieces: list[bytes],
+    ) -> None:
+        """A data frame under message rules: fragments are gathered so the whole message is checked, then
+        forwarded as one frame, dropped and counted, or refused (the offender is closed).
+
+        Raises:
+            ProtocolError: a rule in "close" mode was broken.
+        """
+        checker = self.checker
+        assert checker is not None
+        if opcode:
+            self._message_opcode = opcode
+            verdict = checker.first_frame(opcode)
+            if verdict is not None:
+                if not checker.drops(verdict):
+                    raise ProtocolError(verdict[1], verdict[0])
+                checker.dropped += 1
+                self._dropping = True
+        if self._dropping:
+            if b0 & _FIN:
+                self._dropping = False
+            return
+        payload = (
+            apply_mask(buf[pos + hlen : end], bytes(buf[pos + hlen - 4 : pos + hlen]))
+            if self._recv_masked
+            else bytes(buf[pos + hlen : end])
+        )
+        if not b0 & _FIN:
+            self._fragments.append(payload)
+            return
+        whole = not self._fragments
+        if not whole:
+            self._fragments.append(payload)
+            payload = b"".join(self._fragments)
+            self._fragments = []
+        verdict = checker.check(self._message_opcode, payload, now)
+        if verdict is not None:
+            if not checker.drops(verdict):
+                raise ProtocolError(verdict[1], verdict[0])
+            checker.dropped += 1
+            return
+        if whole and not self._recv_masked:
+            pieces.append(bytes(buf[pos:end]))
+        else:
+            mask = _masks.next() if self._recv_masked else None
+            pieces.append(encode_frame(self._message_opcode, payload, mask))
+
     def _flush(self, buf: bytes | bytearray, pos: int, pieces: list[bytes]) -> None:
         """Write what :meth:`_relay_frames` accepted so far to the other side, in one call."""
-        if self._recv_masked:
+        if self._recv_masked or self.checker is not None:
             if pieces:
                 self.peer.transport.write(b"".join(pieces))
         elif pos:
@@ -297,7 +388,7 @@ class Leg(asyncio.Protocol):
             pos = end
         return pos
 
-    # -- closing ------------------------------------------------------------------------------------------------
+    # -- closing ------------------------------------------------------------------------
 
     def send_close(self, code: int, reason: str) -> None:
         """Send a close frame to this side (once), then wait ``close_timeout`` for its reply."""
@@ -323,7 +414,9 @@ class Leg(asyncio.Protocol):
         self._send_close_payload(close_payload(code, reason))
         self.close_received = True  # read nothing more from an offender
         self._shutdown()
-        if self.name == "upstream":
+        if code == CloseCode.MESSAGE_TOO_BIG:
+            self.peer.send_close(CloseCode.GOING_AWAY, f"{self.name} sent a message over the size limit")
+        elif self.name == "upstream":
             self.peer.send_close(CloseCode.BAD_GATEWAY, "upstream protocol error")
         else:
             self.peer.send_close(CloseCode.GOING_AWAY, "client closed by gateway")
@@ -356,8 +449,22 @@ def start_relay(
 
     ``*_pending`` are the bytes that arrived right behind each side's handshake.
     """
-    client = Leg(session, "client", client_transport)
-    upstream = Leg(session, "upstream", upstream_transport)
+    route = session.route
+    now = _monotonic()
+    client = Leg(
+        session,
+        "client",
+        client_transport,
+        route.client_rules.max_message_bytes if route.client_rules else route.limits.max_message_bytes,
+        _checker(route.client_rules, route.message_rate, now),
+    )
+    upstream = Leg(
+        session,
+        "upstream",
+        upstream_transport,
+        route.upstream_rules.max_message_bytes if route.upstream_rules else route.limits.max_message_bytes,
+        _checker(route.upstream_rules, None, now),
+    )
     client.peer = upstream
     upstream.peer = client
     session.start(client, upstream)
@@ -373,3 +480,12 @@ def start_relay(
     for transport in (client_transport, upstream_transport):
         if not transport.is_closing():
             transport.resume_reading()
+
+
+def _checker(rules: MessageRules | None, rate: MessageRate | None, now: float) -> MessageChecker | None:
+    """A checker when the direction has rules or a rate; None keeps the relay on its plainest path."""
+    if rules is None and rate is None:
+        return None
+    if rules is None:
+        rules = MessageRules(max_message_bytes=0, utf8=False)
+    return MessageChecker(rules, rate, now)

@@ -93,7 +93,7 @@ class Session:
     def close(
         self, client_code: int, client_reason: str, upstream_code: int = 1001, upstream_reason: str = ""
     ) -> None:
-        """Close the session from the gateway: each side gets its own close frame, then its reply is awaited."""
+        """Close the session from the gateway: each side gets its own close frame."""
         if self.finished:
             return
         self.note_close("gateway", client_code, client_reason)

@@ -44,7 +44,14 @@ _NOT_FORWARDED = frozenset(
 
 #: Headers the gateway sets itself; a client's own values are dropped so they cannot be spoofed.
 _GATEWAY_SET = frozenset(
-    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-uri", "x-request-id", "forwarded"}
+    {
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-uri",
+        "x-request-id",
+        "forwarded",
+    }
 )
 
 
@@ -99,7 +106,9 @@ class UpstreamHandshake(asyncio.Protocol):
         self.done: asyncio.Future[tuple[int, list[tuple[str, str]], bytes]] = loop.create_future()
         self.lost = False
         self._parser = h11.Connection(h11.CLIENT)
-        self._request_bytes = self._parser.send(h11.Request(method="GET", target=target, headers=headers)) or b""
+        self._request_bytes = (
+            self._parser.send(h11.Request(method="GET", target=target, headers=headers)) or b""
+        )
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -207,16 +216,18 @@ async def connect_upstream(request: HandshakeRequest, admission: Admission) -> U
     offered = request.header_tokens("sec-websocket-protocol")
     target = route.upstream_target(request.path, request.query)
     timeout = route.limits.upstream_connect_timeout
-    transport: asyncio.BaseTransport | None = None
+    transport: asyncio.Transport | None = None
     try:
         async with asyncio.timeout(timeout):
-            transport, protocol = await loop.create_connection(
+            raw_transport, protocol = await loop.create_connection(
                 lambda: UpstreamHandshake(loop, target, headers),
                 upstream.host,
                 upstream.port,
                 ssl=_default_tls_context() if upstream.secure else None,
                 server_hostname=upstream.host if upstream.secure else None,
             )
+            assert isinstance(raw_transport, asyncio.Transport)
+            transport = raw_transport
             _status, response_headers, pending = await protocol.done
         subprotocol, passed = _check_101(response_headers, key, offered)
     except UpstreamError:
@@ -231,5 +242,4 @@ async def connect_upstream(request: HandshakeRequest, admission: Admission) -> U
         if transport is not None:
             transport.abort()
         raise
-    assert isinstance(transport, asyncio.Transport)
     return UpstreamConnection(transport, protocol, subprotocol, passed, pending)

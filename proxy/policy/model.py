@@ -6,7 +6,7 @@ durations are seconds (``float``), rates are events per second (``float``). Hot 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -98,6 +98,10 @@ class Route:
     #: Name of the auth provider, or None for ``auth: none`` (open route).
     auth: str | None
     limits: Limits
+    #: Message rules per direction (None: frame syntax and ``max_message_size`` only), client message rate.
+    client_rules: MessageRules | None = None
+    upstream_rules: MessageRules | None = None
+    message_rate: MessageRate | None = None
 
     def matches(self, request_path: str) -> bool:
         """Whether ``request_path`` (no query) belongs to this route.
@@ -153,3 +157,78 @@ class Policy:
             if best is None or len(route.path) > len(best.path):
                 best = route
         return best
+
+
+# -- security guards ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRule:
+    """A required claim: its value must equal one of ``allowed``; a list claim, or a space-separated
+    string such as OAuth's ``scope``, must contain one of them."""
+
+    claim: str
+    allowed: tuple[str | int | bool, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AuthProvider:
+    """How one token issuer is checked. Exactly one key source is set: ``secret``, ``public_key`` or
+    ``jwks_url``; the loader guarantees ``algorithms`` fit it (no HMAC with an RSA/EC key, never ``none``)."""
+
+    name: str
+    algorithms: tuple[str, ...]
+    issuer: str | None = None
+    audiences: tuple[str, ...] = ()
+    #: HMAC secret, read from the environment variable ``secret_env`` at load time.
+    secret: bytes | None = field(default=None, repr=False)
+    secret_env: str | None = None
+    #: A PEM public key (bytes), read from ``public_key_file`` at load time.
+    public_key: bytes | None = field(default=None, repr=False)
+    public_key_file: Path | None = None
+    jwks_url: str | None = None
+    jwks_cache_ttl: float = 300.0
+    jwks_min_refresh: float = 30.0
+    jwks_timeout: float = 5.0
+    leeway: float = 0.0
+    require_exp: bool = True
+    token_sources: tuple[Literal["header", "query", "cookie", "subprotocol"], ...] = ("header",)
+    query_parameter: str = "access_token"
+    cookie_name: str = "access_token"
+    subprotocol_prefix: str = "bearer."
+    required_claims: tuple[ClaimRule, ...] = ()
+    max_token_bytes: int = 8 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRules:
+    """What one direction of a route may send, checked per message by the relay.
+
+    ``max_message_bytes`` is the route's limit unless the direction overrides it. ``schema`` is the JSON
+    Schema document (already read from ``schema_file``); the relay compiles it once.
+    """
+
+    max_message_bytes: int
+    types: frozenset[int] = frozenset({1, 2})
+    utf8: bool = True
+    json: bool = False
+    schema_file: Path | None = None
+    schema: dict[str, object] | None = field(default=None, repr=False, compare=False, hash=False)
+    #: "close": the offender is closed (1003/1007/1008); "drop": the message is dropped and counted.
+    on_violation: Literal["close", "drop"] = "close"
+
+    @property
+    def inspects_content(self) -> bool:
+        """Whether a message's bytes must be seen whole (so fragmented messages are coalesced)."""
+        return self.utf8 or self.json or self.schema is not None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRate:
+    """Per-connection rate of client messages: a token bucket of messages and one of bytes."""
+
+    messages_per_second: float | None = None
+    message_burst: int = 1
+    bytes_per_second: float | None = None
+    byte_burst: int = 0
+    on_limit: Literal["close", "drop"] = "close"
