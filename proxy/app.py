@@ -15,10 +15,12 @@ import time
 from proxy import logs
 from proxy.errors import CloseCode, Rejection, UpstreamError
 from proxy.frames import accept_key
-from proxy.handshake import HandshakeRequest, admit
+from proxy.handshake import Pipeline
+from proxy.limiter.memory import MemoryLimiter
 from proxy.listener import HandshakeProtocol, http_response
 from proxy.policy.model import Address, Policy, TlsListen
 from proxy.relay import start_relay
+from proxy.request import HandshakeRequest
 from proxy.sessions import Session, SessionRegistry
 from proxy.upstream import connect_upstream
 
@@ -36,11 +38,14 @@ class Gateway:
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
+        self.limiter = MemoryLimiter()
+        self.pipeline = Pipeline(policy, self.limiter)
         self.sessions = SessionRegistry()
         self.draining = False
         self.address: Address | None = None
         self._server: asyncio.Server | None = None
         self._handshakes: set[HandshakeProtocol] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -127,6 +132,7 @@ class Gateway:
             request_id=connection.request_id,
             client_ip=request.client_ip if request else connection.peer_ip,
             path=request.path if request else None,
+            token=request.token_fingerprint if request else None,
             status=rejection.status,
             reason=rejection.reason,
             detail=rejection.detail,
@@ -134,24 +140,30 @@ class Gateway:
         connection.reject(rejection)
 
     async def _handshake(self, connection: HandshakeProtocol, request: HandshakeRequest) -> None:
-        policy = self.policy
+        pipeline = self.pipeline
         started = time.monotonic()
         try:
-            admission = admit(request, policy, self.draining)
-            upstream = await connect_upstream(request, admission)
+            admission = await pipeline.admit(request, self.draining)
         except Rejection as rejection:
             self._reject(connection, rejection, request)
-            return
-        except UpstreamError as error:
-            self._reject(connection, Rejection(502, "upstream_unavailable", str(error)), request)
             return
         except Exception:  # noqa: BLE001 - logged with its traceback, answered with 500
             # A bug must cost one handshake, never the process: log it and answer 500.
             logs.LOGGER.exception("handshake.error", extra={"fields": {"request_id": request.request_id}})
             self._reject(connection, Rejection(500, "internal_error", "internal error"), request)
             return
+        try:
+            upstream = await connect_upstream(request, admission)
+        except UpstreamError as error:
+            await pipeline.release(admission.slots)
+            self._reject(connection, Rejection(502, "upstream_unavailable", str(error)), request)
+            return
+        except BaseException:
+            await pipeline.release(admission.slots)
+            raise
         if connection.lost or self.draining:
             upstream.transport.abort()
+            await pipeline.release(admission.slots)
             if not connection.lost:
                 self._reject(connection, Rejection(503, "draining", "the gateway is shutting down"), request)
             return
@@ -174,6 +186,8 @@ class Gateway:
             admission.client_ip,
             upstream.subprotocol,
             self._session_finished,
+            admission.identity,
+            admission.slots,
         )
         self.sessions.add(session)
         logs.event(
@@ -183,6 +197,8 @@ class Gateway:
             route=route.path,
             upstream=route.upstream.url,
             subprotocol=upstream.subprotocol,
+            subject=admission.identity.subject if admission.identity else None,
+            token=admission.identity.fingerprint if admission.identity else None,
             handshake_ms=round((time.monotonic() - started) * 1000, 1),
         )
         start_relay(
@@ -196,6 +212,12 @@ class Gateway:
 
     def _session_finished(self, session: Session) -> None:
         self.sessions.remove(session)
+        if session.slots:
+            task = asyncio.get_running_loop().create_task(self.pipeline.release(session.slots))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        identity = session.identity
+        client_checker = session.client.checker
         logs.event(
             "session.close",
             request_id=session.request_id,
@@ -209,6 +231,9 @@ class Gateway:
             client_bytes=session.client.bytes,
             upstream_messages=session.upstream.messages,
             upstream_bytes=session.upstream.bytes,
+            dropped=client_checker.dropped if client_checker else 0,
+            subject=identity.subject if identity else None,
+            token=identity.fingerprint if identity else None,
         )
 
 

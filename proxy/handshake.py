@@ -1,78 +1,44 @@
 """The handshake pipeline: from a parsed upgrade request to an :class:`Admission` or a :class:`Rejection`.
 
-Guards run in the order a reader of the policy expects, cheapest first; each returns ``None`` to pass or a
-:class:`~proxy.errors.Rejection`. Nothing here touches a socket, so every step is testable on its own.
+Guards run in the order a reader of the policy expects, cheapest first, and each returns ``None`` to pass
+or a :class:`~proxy.errors.Rejection`:
+
+==========================  ====================================
+route                        404 ``no_route``
+draining                     503 ``draining``
+WebSocket upgrade            400/426 ``bad_request``
+firewall (policy, route)     403 ``firewall``
+origin                       403 ``origin``
+handshakes per IP            429 ``rate_limited`` + Retry-After
+connections per IP           429 ``conn_limit``
+token                        401 ``auth_missing`` / ``auth_invalid`` / ``auth_expired``, 403 ``claims``
+revocation                   401 ``revoked``
+connections per subject      429 ``conn_limit``
+==========================  ====================================
+
+Nothing here touches a socket, so every step is testable on its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import inspect
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
+from proxy.clientip import resolve_client_ip
 from proxy.errors import Rejection
 from proxy.frames import is_valid_client_key
-from proxy.policy.model import Policy, Route
+from proxy.guards.context import HandshakeContext, Identity
+from proxy.guards.firewall import check_firewall
+from proxy.guards.jwks import JwksKeys
+from proxy.guards.limits import check_connections_per_ip, check_connections_per_subject, check_handshake_rate
+from proxy.guards.origin import check_origin
+from proxy.guards.token import TokenVerifier, check_revocation, check_token
+from proxy.limiter import Limiter
+from proxy.policy.model import AuthProvider, Policy, Route
+from proxy.request import HandshakeRequest
 
-
-@dataclass(slots=True)
-class HandshakeRequest:
-    """An HTTP upgrade request as the guards see it. Header names are lower case."""
-
-    request_id: str
-    method: str
-    target: str
-    path: str
-    query: str
-    http_version: str
-    headers: list[tuple[str, str]]
-    peer_ip: str
-    client_ip: str
-    tls: bool
-
-    @classmethod
-    def build(
-        cls,
-        request_id: str,
-        method: str,
-        target: str,
-        http_version: str,
-        headers: Iterable[tuple[str, str]],
-        peer_ip: str,
-        client_ip: str,
-        tls: bool,
-    ) -> HandshakeRequest:
-        """Split the target into path and query; the path is matched as sent, never percent-decoded."""
-        split = urlsplit(target)
-        return cls(
-            request_id=request_id,
-            method=method,
-            target=target,
-            path=split.path or "/",
-            query=split.query,
-            http_version=http_version,
-            headers=list(headers),
-            peer_ip=peer_ip,
-            client_ip=client_ip,
-            tls=tls,
-        )
-
-    def header(self, name: str) -> str | None:
-        """The first value of a header, or None."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
-
-    def header_tokens(self, name: str) -> list[str]:
-        """The comma-separated tokens of every occurrence of a header, stripped and lower case."""
-        return [
-            token.strip().lower()
-            for key, value in self.headers
-            if key == name
-            for token in value.split(",")
-            if token.strip()
-        ]
+__all__ = ["GUARDS", "Admission", "HandshakeRequest", "Pipeline", "check_upgrade"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,16 +47,21 @@ class Admission:
 
     route: Route
     client_ip: str
-    #: Headers to add to the upstream request (identity headers come with the guards).
-    extra_headers: tuple[tuple[str, str], ...] = field(default=())
+    #: The X-Forwarded-For value for the upstream (the trusted chain plus the peer).
+    forwarded_for: str
+    identity: Identity | None = None
+    #: The route's auth provider (None on an open route): where its token travels, so it is not forwarded.
+    provider: AuthProvider | None = None
+    #: Limiter slots held for the session's lifetime.
+    slots: tuple[str, ...] = field(default=())
 
 
-#: A guard looks at the request and its route and says pass (None) or no.
-Guard = Callable[[HandshakeRequest, Route, Policy], Rejection | None]
+Guard = Callable[[HandshakeContext], "Rejection | Awaitable[Rejection | None] | None"]
 
 
-def check_upgrade(request: HandshakeRequest, route: Route, policy: Policy) -> Rejection | None:
+def check_upgrade(context: HandshakeContext) -> Rejection | None:
     """The request must be a well-formed RFC 6455 opening handshake (section 4.2.1)."""
+    request = context.request
     if "websocket" not in request.header_tokens("upgrade"):
         return Rejection(
             426,
@@ -114,23 +85,78 @@ def check_upgrade(request: HandshakeRequest, route: Route, policy: Policy) -> Re
     return None
 
 
-#: The guards, in the order they run. The security guards slot in after the upgrade check.
-GUARDS: tuple[Guard, ...] = (check_upgrade,)
+#: The guards, in the order they run (see the module docstring).
+GUARDS: tuple[Guard, ...] = (
+    check_upgrade,
+    check_firewall,
+    check_origin,
+    check_handshake_rate,
+    check_connections_per_ip,
+    check_token,
+    check_revocation,
+    check_connections_per_subject,
+)
 
 
-def admit(request: HandshakeRequest, policy: Policy, draining: bool = False) -> Admission:
-    """Run the pipeline for one request.
+class Pipeline:
+    """The guards with the state they keep across handshakes: the limiter and the token verifiers."""
 
-    Raises:
-        Rejection: the first guard that said no (404 when no route matches, 503 while draining).
-    """
-    route = policy.match_route(request.path)
-    if route is None:
-        raise Rejection(404, "no_route", f"no route for {request.path}")
-    if draining:
-        raise Rejection(503, "draining", "the gateway is shutting down; retry", (("Retry-After", "1"),))
-    for guard in GUARDS:
-        rejection = guard(request, route, policy)
-        if rejection is not None:
-            raise rejection
-    return Admission(route=route, client_ip=request.client_ip)
+    def __init__(self, policy: Policy, limiter: Limiter, previous: Pipeline | None = None) -> None:
+        self.policy = policy
+        self.limiter = limiter
+        self.verifiers = {provider.name: self._verifier(provider, previous) for provider in policy.auth}
+
+    @staticmethod
+    def _verifier(provider: AuthProvider, previous: Pipeline | None) -> TokenVerifier:
+        old = previous.verifiers.get(provider.name) if previous is not None else None
+        if old is not None and old.provider == provider:
+            return old  # same provider: keep its JWKS and verified-token caches
+        jwks = None
+        if provider.jwks_url is not None:
+            jwks = JwksKeys(
+                provider.name,
+                provider.jwks_url,
+                provider.jwks_cache_ttl,
+                provider.jwks_min_refresh,
+                provider.jwks_timeout,
+            )
+        return TokenVerifier(provider, jwks)
+
+    async def admit(self, request: HandshakeRequest, draining: bool = False) -> Admission:
+        """Run every guard for one request.
+
+        Raises:
+            Rejection: the first guard that said no; limiter slots taken before it are given back.
+        """
+        policy = self.policy
+        route = policy.match_route(request.path)
+        if route is None:
+            raise Rejection(404, "no_route", f"no route for {request.path}")
+        if draining:
+            raise Rejection(503, "draining", "the gateway is shutting down; retry", (("Retry-After", "1"),))
+        client_ip, forwarded_for = resolve_client_ip(
+            request.peer_ip,
+            [value for name, value in request.headers if name == "x-forwarded-for"],
+            policy.trusted_proxies,
+        )
+        request.client_ip = client_ip
+        context = HandshakeContext(request, policy, route, self.limiter, self.verifiers, client_ip)
+        try:
+            for guard in GUARDS:
+                verdict = guard(context)
+                if inspect.isawaitable(verdict):
+                    verdict = await verdict
+                if verdict is not None:
+                    raise verdict
+        except BaseException:
+            await self.release(tuple(context.slots))
+            if context.token_fingerprint is not None:
+                request.token_fingerprint = context.token_fingerprint
+            raise
+        provider = policy.provider(route.auth) if route.auth is not None else None
+        return Admission(route, client_ip, forwarded_for, context.identity, provider, tuple(context.slots))
+
+    async def release(self, slots: tuple[str, ...]) -> None:
+        """Give back the limiter slots of a session that ended (or a handshake that failed)."""
+        for key in slots:
+            await self.limiter.release(key)

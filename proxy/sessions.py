@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from proxy.guards.context import Identity
 from proxy.policy.model import Route
 
 if TYPE_CHECKING:
@@ -21,6 +22,7 @@ class Session:
     """One relayed WebSocket: a client leg, an upstream leg, and how it ended."""
 
     __slots__ = (
+        "_expiry_handle",
         "_idle_handle",
         "_on_finish",
         "client",
@@ -28,11 +30,13 @@ class Session:
         "close_code",
         "close_reason",
         "finished",
+        "identity",
         "initiator",
         "last_activity",
         "loop",
         "request_id",
         "route",
+        "slots",
         "started",
         "subprotocol",
         "upstream",
@@ -46,12 +50,17 @@ class Session:
         client_ip: str,
         subprotocol: str | None,
         on_finish: Callable[[Session], None],
+        identity: Identity | None = None,
+        slots: tuple[str, ...] = (),
     ) -> None:
         self.loop = loop
         self.request_id = request_id
         self.route = route
         self.client_ip = client_ip
         self.subprotocol = subprotocol
+        #: Who the token said the client is (None on an open route), and the limiter slots held.
+        self.identity = identity
+        self.slots = slots
         self.started = time.monotonic()
         self.last_activity = self.started
         #: Who closed first: "client", "upstream" or "gateway"; None while open.
@@ -64,6 +73,7 @@ class Session:
         self.upstream: Leg
         self._on_finish = on_finish
         self._idle_handle: asyncio.TimerHandle | None = None
+        self._expiry_handle: asyncio.TimerHandle | None = None
 
     def start(self, client: Leg, upstream: Leg) -> None:
         """Attach both legs and arm the idle timer."""
@@ -72,6 +82,14 @@ class Session:
         idle = self.route.limits.idle_timeout
         if idle > 0:
             self._idle_handle = self.loop.call_later(idle, self._check_idle)
+        if self.identity is not None and self.identity.expires_at is not None:
+            # One timer per session, at exp + leeway: no polling of every session.
+            delay = max(0.0, self.identity.expires_at - time.time())
+            self._expiry_handle = self.loop.call_later(delay, self._token_expired)
+
+    def _token_expired(self) -> None:
+        self._expiry_handle = None
+        self.close(1008, "token expired", 1008, "token expired")
 
     def _check_idle(self) -> None:
         # One timer per session, re-armed for the remaining time, instead of a reset per frame.
@@ -105,9 +123,10 @@ class Session:
         if self.finished or not (self.client.lost and self.upstream.lost):
             return
         self.finished = True
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
+        for handle in (self._idle_handle, self._expiry_handle):
+            if handle is not None:
+                handle.cancel()
+        self._idle_handle = self._expiry_handle = None
         self._on_finish(self)
 
     @property

@@ -8,6 +8,7 @@ honest 502 rather than a 101 followed by a close.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import ssl
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import h11
 from proxy.errors import UpstreamError
 from proxy.frames import accept_key, new_client_key
 from proxy.handshake import Admission, HandshakeRequest
-from proxy.policy.model import Route
+from proxy.policy.model import AuthProvider, Route, Upstream
 
 #: Hop-by-hop headers (RFC 9110 7.6.1) and the handshake's own headers: never copied from one hop to the next.
 _NOT_FORWARDED = frozenset(
@@ -68,12 +69,53 @@ class UpstreamConnection:
     pending: bytes
 
 
+def _without_token_cookie(value: str, cookie_name: str) -> str:
+    kept = [part for part in value.split(";") if part.strip().partition("=")[0].strip() != cookie_name]
+    return ";".join(kept).strip()
+
+
+def _header_value(value: object) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    return "".join(char for char in text if char >= " " and char != "\x7f")
+
+
+def upstream_query(request: HandshakeRequest, provider: AuthProvider | None) -> str:
+    """The client's query without the token parameter (a token never travels upstream in a URL)."""
+    if provider is None or "query" not in provider.token_sources or not request.query:
+        return request.query
+    name = provider.query_parameter
+    return "&".join(part for part in request.query.split("&") if part.partition("=")[0] != name)
+
+
+def offered_subprotocols(request: HandshakeRequest, provider: AuthProvider | None) -> list[str]:
+    """The subprotocols the client offered, less a ``bearer.<token>`` entry carrying its token."""
+    offered = [
+        token.strip()
+        for name, value in request.headers
+        if name == "sec-websocket-protocol"
+        for token in value.split(",")
+        if token.strip()
+    ]
+    if provider is not None and "subprotocol" in provider.token_sources:
+        offered = [entry for entry in offered if not entry.startswith(provider.subprotocol_prefix)]
+    return offered
+
+
 def upstream_request_headers(
-    request: HandshakeRequest, admission: Admission, host_header: str, key: str
+    request: HandshakeRequest, admission: Admission, host_header: str, key: str, offered: list[str]
 ) -> list[tuple[str, str]]:
-    """The headers of the upstream handshake: the client's end-to-end headers, minus hop-by-hop ones and
-    those named in its ``Connection`` header, plus the gateway's ``X-Forwarded-*`` and ``X-Request-Id``."""
+    """The headers of the upstream handshake.
+
+    The client's end-to-end headers pass, minus hop-by-hop ones and those its ``Connection`` header names,
+    minus any it sent under a name the gateway sets (``X-Forwarded-*``, ``X-Request-Id``, the route's
+    ``forward_claims`` headers) so none can be spoofed, minus the token (``Authorization``, token cookie)
+    unless the route says ``forward_token``. Then the gateway's own are added.
+    """
+    route = admission.route
+    provider = admission.provider
+    strip_token = provider is not None and not route.forward_token
     named_hops = set(request.header_tokens("connection"))
+    claim_headers = {header.lower() for _claim, header in route.forward_claims}
     headers: list[tuple[str, str]] = [
         ("host", host_header),
         ("upgrade", "websocket"),
@@ -81,22 +123,37 @@ def upstream_request_headers(
         ("sec-websocket-key", key),
         ("sec-websocket-version", "13"),
     ]
-    protocols = [value for name, value in request.headers if name == "sec-websocket-protocol"]
-    if protocols:
-        headers.append(("sec-websocket-protocol", ", ".join(protocols)))
+    if offered:
+        headers.append(("sec-websocket-protocol", ", ".join(offered)))
     for name, value in request.headers:
-        if name in _NOT_FORWARDED or name in _GATEWAY_SET or name in named_hops:
+        if name in _NOT_FORWARDED or name in _GATEWAY_SET or name in named_hops or name in claim_headers:
             continue
+        if strip_token and provider is not None:
+            if name == "authorization":
+                continue
+            if name == "cookie" and "cookie" in provider.token_sources:
+                value = _without_token_cookie(value, provider.cookie_name)
+                if not value:
+                    continue
         headers.append((name, value))
     original_host = request.header("host")
-    headers.append(("x-forwarded-for", admission.client_ip))
+    headers.append(("x-forwarded-for", admission.forwarded_for))
     headers.append(("x-forwarded-proto", "https" if request.tls else "http"))
     if original_host:
         headers.append(("x-forwarded-host", original_host))
-    headers.append(("x-forwarded-uri", request.target))
+    headers.append(("x-forwarded-uri", _target_without_token(request, provider)))
     headers.append(("x-request-id", request.request_id))
-    headers.extend(admission.extra_headers)
+    identity = admission.identity
+    if identity is not None:
+        for claim, header in route.forward_claims:
+            if claim in identity.claims:
+                headers.append((header.lower(), _header_value(identity.claims[claim])))
     return headers
+
+
+def _target_without_token(request: HandshakeRequest, provider: AuthProvider | None) -> str:
+    query = upstream_query(request, provider)
+    return f"{request.path}?{query}" if query else request.path
 
 
 class UpstreamHandshake(asyncio.Protocol):
@@ -177,9 +234,21 @@ def _check_101(
     return subprotocol, passed
 
 
-@lru_cache(maxsize=1)
-def _default_tls_context() -> ssl.SSLContext:
-    return ssl.create_default_context()
+@lru_cache(maxsize=32)
+def _tls_context(ca_file: str | None, insecure_skip_verify: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=ca_file)
+    if insecure_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def upstream_tls_context(upstream: Upstream) -> ssl.SSLContext | None:
+    """The client TLS context for a wss:// upstream: the system CAs, a ``ca_file``, or (tests only) none."""
+    if not upstream.secure:
+        return None
+    ca_file = str(upstream.ca_file) if upstream.ca_file is not None else None
+    return _tls_context(ca_file, upstream.insecure_skip_verify)
 
 
 def _describe(error: BaseException, route: Route, timeout: float) -> str:
@@ -212,9 +281,9 @@ async def connect_upstream(request: HandshakeRequest, admission: Admission) -> U
     default_port = 443 if upstream.secure else 80
     host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
     host_header = host if upstream.port == default_port else f"{host}:{upstream.port}"
-    headers = upstream_request_headers(request, admission, host_header, key)
-    offered = request.header_tokens("sec-websocket-protocol")
-    target = route.upstream_target(request.path, request.query)
+    offered = offered_subprotocols(request, admission.provider)
+    headers = upstream_request_headers(request, admission, host_header, key, offered)
+    target = route.upstream_target(request.path, upstream_query(request, admission.provider))
     timeout = route.limits.upstream_connect_timeout
     transport: asyncio.Transport | None = None
     try:
@@ -223,7 +292,7 @@ async def connect_upstream(request: HandshakeRequest, admission: Admission) -> U
                 lambda: UpstreamHandshake(loop, target, headers),
                 upstream.host,
                 upstream.port,
-                ssl=_default_tls_context() if upstream.secure else None,
+                ssl=upstream_tls_context(upstream),
                 server_hostname=upstream.host if upstream.secure else None,
             )
             assert isinstance(raw_transport, asyncio.Transport)

@@ -6,52 +6,11 @@ with the user's cookies, and only the Origin tells us so.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-
-@dataclass(frozen=True, slots=True)
-class OriginPattern:
-    """``https://app.example.com`` (exact) or ``https://*.example.com`` (any subdomain, not the apex)."""
-
-    scheme: str
-    host: str
-    port: int | None
-    wildcard: bool
-
-    @classmethod
-    def parse(cls, text: str) -> OriginPattern:
-        """Parse an allowlist entry.
-
-        Raises:
-            ValueError: not ``scheme://host[:port]`` with scheme http or https and nothing after the host.
-        """
-        split = urlsplit(text.strip())
-        if split.scheme not in ("http", "https"):
-            raise ValueError(f"expected an origin like https://app.example.com, got {text!r}")
-        if split.path not in ("", "/") or split.query or split.fragment or split.username:
-            raise ValueError(f"an origin has no path, query or user: {text!r}")
-        host = (split.hostname or "").lower()
-        wildcard = host.startswith("*.")
-        if wildcard:
-            host = host[2:]
-        if not host or "*" in host:
-            raise ValueError(f"expected an origin like https://*.example.com, got {text!r}")
-        return cls(split.scheme, host, split.port, wildcard)
-
-    def matches(self, scheme: str, host: str, port: int | None) -> bool:
-        """Whether a parsed Origin fits this pattern (ports compared with scheme defaults applied)."""
-        if scheme != self.scheme or _port(scheme, port) != _port(self.scheme, self.port):
-            return False
-        if self.wildcard:
-            return host.endswith("." + self.host)
-        return host == self.host
-
-
-def _port(scheme: str, port: int | None) -> int:
-    if port is not None:
-        return port
-    return 443 if scheme == "https" else 80
+from proxy.errors import Rejection
+from proxy.guards.context import HandshakeContext
+from proxy.policy.model import OriginPattern
 
 
 def origin_allowed(origin: str, patterns: tuple[OriginPattern, ...]) -> bool:
@@ -65,3 +24,18 @@ def origin_allowed(origin: str, patterns: tuple[OriginPattern, ...]) -> bool:
     if not host or split.scheme not in ("http", "https"):
         return False
     return any(pattern.matches(split.scheme, host, port) for pattern in patterns)
+
+
+def check_origin(context: HandshakeContext) -> Rejection | None:
+    """403 ``origin`` when the route lists origins and the handshake's Origin is not one of them."""
+    route = context.route
+    if not route.origins:
+        return None
+    origin = context.request.header("origin")
+    if origin is None:
+        if route.allow_missing_origin:
+            return None
+        return Rejection(403, "origin", "an Origin header is required on this route")
+    if origin_allowed(origin, route.origins):
+        return None
+    return Rejection(403, "origin", "origin not allowed")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import parse_qsl
@@ -21,9 +20,10 @@ from urllib.parse import parse_qsl
 import jwt
 
 from proxy.errors import Rejection
+from proxy.guards.context import HandshakeContext, Identity
 from proxy.guards.jwks import JwksKeys
-from proxy.handshake import HandshakeRequest
 from proxy.policy.model import AuthProvider, ClaimRule
+from proxy.request import HandshakeRequest
 
 _CHALLENGE = 'Bearer realm="wsgate"'
 
@@ -31,20 +31,6 @@ _CHALLENGE = 'Bearer realm="wsgate"'
 def fingerprint(token: str) -> str:
     """First 12 hex digits of the token's SHA-256: enough to correlate log lines, useless to replay."""
     return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:12]
-
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """Who a verified token says the client is."""
-
-    provider: str
-    subject: str | None
-    token_id: str | None
-    #: Wall-clock time (UNIX seconds) at which the session must end, ``exp`` + leeway; None without ``exp``.
-    expires_at: float | None
-    fingerprint: str
-    source: str
-    claims: dict[str, Any]
 
 
 def _unauthorized(reason: str, detail: str, error: str = "invalid_token") -> Rejection:
@@ -227,3 +213,35 @@ def _rejection_for(error: jwt.PyJWTError | None) -> Rejection:
     if isinstance(error, jwt.InvalidAlgorithmError | jwt.InvalidKeyError):
         return _unauthorized("auth_invalid", "token algorithm does not fit the key")
     return _unauthorized("auth_invalid", "malformed token")
+
+
+async def check_token(context: HandshakeContext) -> Rejection | None:
+    """The token guard: pass on an open route; else find, verify and record the client's identity."""
+    if context.route.auth is None:
+        return None
+    verifier: TokenVerifier = context.verifiers[context.route.auth]
+    found = find_token(context.request, verifier.provider)
+    if found is None:
+        return Rejection(
+            401, "auth_missing", "a bearer token is required", (("WWW-Authenticate", _CHALLENGE),)
+        )
+    token, source = found
+    try:
+        context.identity = await verifier.verify(token, source)
+    except Rejection as rejection:
+        context.token_fingerprint = fingerprint(token)
+        return rejection
+    return None
+
+
+def check_revocation(context: HandshakeContext) -> Rejection | None:
+    """401 ``revoked`` for a token whose subject or id the policy lists."""
+    identity = context.identity
+    if identity is None:
+        return None
+    revoked = context.policy.revoked
+    if identity.subject is not None and identity.subject in revoked.subjects:
+        return _unauthorized("revoked", "token revoked")
+    if identity.token_id is not None and identity.token_id in revoked.token_ids:
+        return _unauthorized("revoked", "token revoked")
+    return None

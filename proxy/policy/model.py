@@ -7,8 +7,13 @@ durations are seconds (``float``), rates are events per second (``float``). Hot 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
+
+IPNetwork = IPv4Network | IPv6Network
+IPAddress = IPv4Address | IPv6Address
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +42,8 @@ class Listen:
 
     address: Address
     tls: TlsListen | None = None
+    #: Every connection starts with a PROXY protocol v1/v2 header giving the real peer (behind a TCP LB).
+    proxy_protocol: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +62,19 @@ class Limits:
     upstream_connect_timeout: float = 5.0
     close_timeout: float = 5.0
     drain_timeout: float = 30.0
+    #: Handshakes per second per client IP and the burst allowed above it (None: unlimited).
+    handshakes_per_ip: float | None = None
+    handshake_burst: int = 1
+    #: Concurrent sessions per client IP, and per token subject (None: unlimited).
+    connections_per_ip: int | None = None
+    connections_per_subject: int | None = None
+    #: Client messages per second per session with a burst; client bytes per second with a burst.
+    messages_per_connection: float | None = None
+    message_burst: int = 1
+    bytes_per_connection: float | None = None
+    byte_burst: int = 0
+    #: What a session over its message or byte rate gets: closed with 1008, or its message dropped.
+    on_rate_limit: Literal["close", "drop"] = "close"
 
 
 #: YAML key under ``limits`` -> field of :class:`Limits`.
@@ -66,11 +86,31 @@ LIMIT_KEYS: dict[str, str] = {
     "upstream_connect_timeout": "upstream_connect_timeout",
     "close_timeout": "close_timeout",
     "drain_timeout": "drain_timeout",
+    "handshakes_per_ip": "handshakes_per_ip",
+    "handshake_burst": "handshake_burst",
+    "connections_per_ip": "connections_per_ip",
+    "connections_per_subject": "connections_per_subject",
+    "messages_per_connection": "messages_per_connection",
+    "message_burst": "message_burst",
+    "bytes_per_connection": "bytes_per_connection",
+    "byte_burst": "byte_burst",
+    "on_rate_limit": "on_rate_limit",
 }
 
 #: The ``limits`` keys a route may override; the others act before a route is known or are process-wide.
 ROUTE_LIMIT_KEYS: frozenset[str] = frozenset(
-    {"max_message_size", "idle_timeout", "upstream_connect_timeout", "close_timeout"}
+    {
+        "max_message_size",
+        "idle_timeout",
+        "upstream_connect_timeout",
+        "close_timeout",
+        "connections_per_subject",
+        "messages_per_connection",
+        "message_burst",
+        "bytes_per_connection",
+        "byte_burst",
+        "on_rate_limit",
+    }
 )
 
 
@@ -86,6 +126,10 @@ class Upstream:
     path: str
     #: Query of the URL without "?", merged before the client's query.
     query: str
+    #: For wss://: a CA bundle to verify the upstream with instead of the system's, or no verification
+    #: at all (tests only).
+    ca_file: Path | None = None
+    insecure_skip_verify: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +146,15 @@ class Route:
     client_rules: MessageRules | None = None
     upstream_rules: MessageRules | None = None
     message_rate: MessageRate | None = None
+    #: Route firewall, applied after the policy's; both must allow.
+    firewall: Firewall | None = None
+    #: Browser origins allowed (empty: any); whether a handshake without Origin (non-browser) passes.
+    origins: tuple[OriginPattern, ...] = ()
+    allow_missing_origin: bool = True
+    #: Claims copied into upstream request headers (claim, header name); a client's own are dropped.
+    forward_claims: tuple[tuple[str, str], ...] = ()
+    #: Whether the token (Authorization header, token cookie) reaches the upstream.
+    forward_token: bool = False
 
     def matches(self, request_path: str) -> bool:
         """Whether ``request_path`` (no query) belongs to this route.
@@ -142,9 +195,21 @@ class Policy:
     admin: Address
     limits: Limits
     routes: tuple[Route, ...]
+    #: Peers whose X-Forwarded-For is believed.
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    firewall: Firewall = field(default_factory=lambda: Firewall())
+    auth: tuple[AuthProvider, ...] = ()
+    revoked: Revocation = field(default_factory=lambda: Revocation())
     #: The file it came from (None when parsed from a string), and the sha256 of its bytes.
     source: Path | None = None
     sha256: str = ""
+
+    def provider(self, name: str) -> AuthProvider:
+        """The auth provider called ``name`` (the loader guarantees every route's provider exists)."""
+        for provider in self.auth:
+            if provider.name == name:
+                return provider
+        raise KeyError(name)
 
     def match_route(self, request_path: str) -> Route | None:
         """The route for a request path: an exact route first, then the longest matching prefix."""
@@ -232,3 +297,86 @@ class MessageRate:
     bytes_per_second: float | None = None
     byte_burst: int = 0
     on_limit: Literal["close", "drop"] = "close"
+
+
+@dataclass(frozen=True, slots=True)
+class FirewallRule:
+    """``allow`` or ``deny`` one network."""
+
+    allow: bool
+    network: IPNetwork
+
+
+@dataclass(frozen=True, slots=True)
+class Firewall:
+    """Rules read top to bottom; the first whose network holds the IP decides, else ``default_allow``."""
+
+    rules: tuple[FirewallRule, ...] = ()
+    default_allow: bool = True
+
+    def allows(self, ip: IPAddress) -> bool:
+        """Whether the first matching rule (or the default) allows ``ip``."""
+        for rule in self.rules:
+            if ip.version == rule.network.version and ip in rule.network:
+                return rule.allow
+        return self.default_allow
+
+    def allows_text(self, ip: str) -> bool:
+        """Like :meth:`allows` for an IP as text; an unparsable IP only passes a default-allow firewall
+        without rules (it can match no network)."""
+        try:
+            return self.allows(ip_address(ip))
+        except ValueError:
+            return self.default_allow and not self.rules
+
+
+@dataclass(frozen=True, slots=True)
+class OriginPattern:
+    """``https://app.example.com`` (exact) or ``https://*.example.com`` (any subdomain, not the apex)."""
+
+    scheme: str
+    host: str
+    port: int | None
+    wildcard: bool
+
+    @classmethod
+    def parse(cls, text: str) -> OriginPattern:
+        """Parse an allowlist entry.
+
+        Raises:
+            ValueError: not ``scheme://host[:port]`` with scheme http or https and nothing after the host.
+        """
+        split = urlsplit(text.strip())
+        if split.scheme not in ("http", "https"):
+            raise ValueError(f"expected an origin like https://app.example.com, got {text!r}")
+        if split.path not in ("", "/") or split.query or split.fragment or split.username:
+            raise ValueError(f"an origin has no path, query or user: {text!r}")
+        host = (split.hostname or "").lower()
+        wildcard = host.startswith("*.")
+        if wildcard:
+            host = host[2:]
+        if not host or "*" in host:
+            raise ValueError(f"expected an origin like https://*.example.com, got {text!r}")
+        return cls(split.scheme, host, split.port, wildcard)
+
+    def matches(self, scheme: str, host: str, port: int | None) -> bool:
+        """Whether a parsed Origin fits this pattern (ports compared with scheme defaults applied)."""
+        if scheme != self.scheme or _port(scheme, port) != _port(self.scheme, self.port):
+            return False
+        if self.wildcard:
+            return host.endswith("." + self.host)
+        return host == self.host
+
+
+def _port(scheme: str, port: int | None) -> int:
+    if port is not None:
+        return port
+    return 443 if scheme == "https" else 80
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """Token subjects and ids refused at the handshake, and closed (1008) on reload when live."""
+
+    subjects: frozenset[str] = frozenset()
+    token_ids: frozenset[str] = frozenset()

@@ -1,0 +1,53 @@
+"""What the guards of one handshake share: the request, the route, and what earlier guards learnt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from ipaddress import ip_address
+from typing import TYPE_CHECKING, Any
+
+from proxy.limiter import Limiter
+from proxy.policy.model import IPAddress, Policy, Route
+from proxy.request import HandshakeRequest
+
+if TYPE_CHECKING:
+    from proxy.guards.token import TokenVerifier
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a verified token says the client is."""
+
+    provider: str
+    subject: str | None
+    token_id: str | None
+    #: Wall-clock time (UNIX seconds) at which the session must end, ``exp`` + leeway; None without ``exp``.
+    expires_at: float | None
+    fingerprint: str
+    source: str
+    claims: dict[str, Any]
+
+
+@dataclass(slots=True)
+class HandshakeContext:
+    """One handshake in the pipeline. Guards read it and add to it (identity, limiter slots taken)."""
+
+    request: HandshakeRequest
+    policy: Policy
+    route: Route
+    limiter: Limiter
+    #: Token verifiers by provider name (they keep their caches across handshakes).
+    verifiers: dict[str, TokenVerifier]
+    client_ip: str
+    client_address: IPAddress | None = None
+    identity: Identity | None = None
+    #: Fingerprint of a token that was refused, for the rejection's log line.
+    token_fingerprint: str | None = None
+    #: Limiter slots taken so far; released when the handshake fails or the session ends.
+    slots: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        try:
+            self.client_address = ip_address(self.client_ip)
+        except ValueError:
+            self.client_address = None
