@@ -113,6 +113,7 @@ class Gateway:
         protocol = HandshakeProtocol(
             limits,
             tls=self.policy.listen.tls is not None,
+            proxy_protocol=self.policy.listen.proxy_protocol,
             on_request=self._on_request,
             on_bad_request=self._reject,
             on_close=self._handshakes.discard,

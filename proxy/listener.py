@@ -16,10 +16,11 @@ from http import HTTPStatus
 
 import h11
 
-from proxy.clientip import peer_ip
+from proxy.clientip import normalize_ip, peer_ip
 from proxy.errors import Rejection
-from proxy.handshake import HandshakeRequest
 from proxy.policy.model import Limits
+from proxy.proxyproto import ProxyHeaderError, parse_proxy_header
+from proxy.request import HandshakeRequest
 
 
 def new_request_id() -> str:
@@ -60,6 +61,7 @@ class HandshakeProtocol(asyncio.Protocol):
         self,
         limits: Limits,
         tls: bool,
+        proxy_protocol: bool,
         on_request: Callable[[HandshakeProtocol, HandshakeRequest], None],
         on_bad_request: Callable[[HandshakeProtocol, Rejection], None],
         on_close: Callable[[HandshakeProtocol], None],
@@ -80,6 +82,8 @@ class HandshakeProtocol(asyncio.Protocol):
         self._parser = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self._request: h11.Request | None = None
         self._timer: asyncio.TimerHandle | None = None
+        #: Bytes of a PROXY header still being read, or None once it was (or when none is expected).
+        self._proxy_header: bytearray | None = bytearray() if proxy_protocol else None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -92,6 +96,11 @@ class HandshakeProtocol(asyncio.Protocol):
         if self._request is not None or self.answered:
             self.pending += data  # reading is paused; only what was already in flight lands here
             return
+        if self._proxy_header is not None:
+            rest = self._read_proxy_header(data)
+            if rest is None:
+                return
+            data = rest
         self._parser.receive_data(data)
         while True:
             try:
@@ -115,6 +124,24 @@ class HandshakeProtocol(asyncio.Protocol):
             if isinstance(event, h11.ConnectionClosed):
                 self.transport.close()
                 return
+
+    def _read_proxy_header(self, data: bytes) -> bytes | None:
+        """Consume the PROXY header; return what follows it, or None while it is incomplete or refused."""
+        assert self._proxy_header is not None
+        self._proxy_header += data
+        try:
+            parsed = parse_proxy_header(bytes(self._proxy_header))
+        except ProxyHeaderError as error:
+            self._on_bad_request(self, Rejection(400, "bad_request", str(error)))
+            return None
+        if parsed is None:
+            return None
+        source, length = parsed
+        if source is not None:
+            self.peer_ip = normalize_ip(source)
+        rest = bytes(self._proxy_header[length:])
+        self._proxy_header = None
+        return rest
 
     def _request_complete(self) -> None:
         request = self._request
