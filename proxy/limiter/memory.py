@@ -17,14 +17,16 @@ class MemoryLimiter:
         self._arrival: dict[str, float] = {}
         self._slots: dict[str, int] = {}
         self._sweep_interval = sweep_interval
-        self._next_sweep = time.monotonic() + sweep_interval
+        self._next_sweep: float | None = None
 
     async def hit(self, key: str, rate: float, burst: int) -> float:
         return self.hit_now(key, rate, burst, time.monotonic())
 
     def hit_now(self, key: str, rate: float, burst: int, now: float) -> float:
         """:meth:`hit` at a given time (the arithmetic, for tests)."""
-        if now >= self._next_sweep:
+        if self._next_sweep is None:
+            self._next_sweep = now + self._sweep_interval
+        elif now >= self._next_sweep:
             self._sweep(now)
         interval = 1.0 / rate
         tolerance = interval * (max(burst, 1) - 1)

@@ -1,0 +1,139 @@
+"""Firewall rules, origin patterns, the limiter arithmetic, claim rules and message rules."""
+
+from ipaddress import ip_address, ip_network
+
+import pytest
+
+from proxy.guards.origin import origin_allowed
+from proxy.guards.token import claims_allowed, fingerprint
+from proxy.limiter.memory import MemoryLimiter
+from proxy.policy.model import ClaimRule, Firewall, FirewallRule, MessageRate, MessageRules, OriginPattern
+from proxy.rules import MessageChecker
+
+
+def test_firewall_first_match_wins_then_default() -> None:
+    firewall = Firewall(
+        (FirewallRule(False, ip_network("203.0.113.0/24")), FirewallRule(True, ip_network("203.0.0.0/8"))),
+        default_allow=False,
+    )
+    assert not firewall.allows(ip_address("203.0.113.5"))
+    assert firewall.allows(ip_address("203.1.1.1"))
+    assert not firewall.allows(ip_address("198.51.100.1"))
+    assert not firewall.allows(ip_address("2001:db8::1"))
+
+
+def test_firewall_ipv6_rules() -> None:
+    firewall = Firewall((FirewallRule(False, ip_network("2001:db8::/32")),), default_allow=True)
+    assert not firewall.allows(ip_address("2001:db8::1"))
+    assert firewall.allows(ip_address("2001:db9::1"))
+    assert firewall.allows(ip_address("192.0.2.1"))
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        ("https://app.example.com", True),
+        ("https://APP.example.com", True),
+        ("https://app.example.com:443", True),
+        ("http://app.example.com", False),
+        ("https://app.example.com:8443", False),
+        ("https://a.tenant.example.com", True),
+        ("https://tenant.example.com", False),
+        ("https://evil-tenant.example.com", False),
+        ("https://tenant.example.com.evil.org", False),
+        ("null", False),
+        ("", False),
+    ],
+)
+def test_origin_patterns(origin: str, allowed: bool) -> None:
+    patterns = (
+        OriginPattern.parse("https://app.example.com"),
+        OriginPattern.parse("https://*.tenant.example.com"),
+    )
+    assert origin_allowed(origin, patterns) is allowed
+
+
+@pytest.mark.parametrize("bad", ["app.example.com", "ftp://x.com", "https://x.com/path", "https://*"])
+def test_origin_pattern_refuses_non_origins(bad: str) -> None:
+    with pytest.raises(ValueError):
+        OriginPattern.parse(bad)
+
+
+def test_gcra_allows_the_burst_then_paces() -> None:
+    limiter = MemoryLimiter()
+    results = [limiter.hit_now("ip:1", rate=10.0, burst=5, now=100.0) for _ in range(6)]
+    assert results[:5] == [0.0] * 5
+    assert results[5] == pytest.approx(0.1)
+    assert limiter.hit_now("ip:1", rate=10.0, burst=5, now=100.1) == 0.0
+
+
+def test_limiter_state_for_idle_addresses_is_evicted() -> None:
+    limiter = MemoryLimiter(sweep_interval=1.0)
+    for number in range(10_000):
+        limiter.hit_now(f"ip:{number}", rate=10.0, burst=2, now=0.0)
+    assert limiter.tracked_keys == 10_000
+    limiter.hit_now("ip:late", rate=10.0, burst=2, now=5.0)
+    assert limiter.tracked_keys == 1
+
+
+async def test_connection_slots_are_capped_and_released() -> None:
+    limiter = MemoryLimiter()
+    assert await limiter.acquire("ip:1", 2)
+    assert await limiter.acquire("ip:1", 2)
+    assert not await limiter.acquire("ip:1", 2)
+    await limiter.release("ip:1")
+    assert await limiter.acquire("ip:1", 2)
+    await limiter.release("ip:1")
+    await limiter.release("ip:1")
+    assert limiter.tracked_keys == 0
+
+
+def test_claim_rules_exact_list_and_scope_string() -> None:
+    rules = (ClaimRule("scope", ("chat",)), ClaimRule("tier", ("gold", "silver")))
+    assert claims_allowed({"scope": "read chat", "tier": "gold"}, rules) is None
+    assert claims_allowed({"scope": ["chat"], "tier": "silver"}, rules) is None
+    assert claims_allowed({"scope": "read", "tier": "gold"}, rules) == rules[0]
+    assert claims_allowed({"scope": "chat"}, rules) == rules[1]
+
+
+def test_fingerprint_is_short_and_not_the_token() -> None:
+    print_ = fingerprint("eyJhbGciOi.secret.sig")
+    assert len(print_) == 12 and "secret" not in print_
+
+
+def test_message_rules_utf8_json_schema_and_types() -> None:
+    rules = MessageRules(
+        max_message_bytes=1024,
+        types=frozenset({1}),
+        json=True,
+        schema={"type": "object", "required": ["op"]},
+    )
+    checker = MessageChecker(rules, None, now=0.0)
+    assert checker.first_frame(2) == (1003, "binary messages not allowed")
+    assert checker.check(1, b'{"op": "x"}', 0.0) is None
+    assert checker.check(1, b"\xff", 0.0) == (1007, "text message is not valid UTF-8")
+    assert checker.check(1, b"{", 0.0) == (1007, "text message is not valid JSON")
+    code, reason = checker.check(1, b"{}", 0.0) or (0, "")
+    assert code == 1008 and reason.startswith("message does not match the schema")
+    assert checker.violations == {"type": 1, "utf8": 1, "json": 1, "schema": 1}
+
+
+def test_message_rate_bucket() -> None:
+    checker = MessageChecker(
+        MessageRules(max_message_bytes=0, utf8=False),
+        MessageRate(messages_per_second=10, message_burst=3),
+        0.0,
+    )
+    verdicts = [checker.check(2, b"x", 0.0) for _ in range(4)]
+    assert verdicts[:3] == [None, None, None]
+    assert verdicts[3] == (1008, "rate limit exceeded")
+    assert checker.check(2, b"x", 0.2) is None
+
+
+def test_byte_rate_bucket() -> None:
+    checker = MessageChecker(
+        MessageRules(max_message_bytes=0, utf8=False), MessageRate(bytes_per_second=100, byte_burst=150), 0.0
+    )
+    assert checker.check(2, b"x" * 100, 0.0) is None
+    assert checker.check(2, b"x" * 100, 0.0) == (1008, "rate limit exceeded")
+    assert checker.check(2, b"x" * 100, 1.0) is None
