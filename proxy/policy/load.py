@@ -676,7 +676,10 @@ def parse_policy(text: str | bytes, source: Path | None = None) -> Policy:
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         line = mark.line + 1 if mark is not None else None
-        raise PolicyError(origin.name, line, "", f"invalid YAML: {error.problem or error.context}") from None
+        message = f"invalid YAML: {error.problem or error.context}"
+        if error.context and error.context_mark is not None and error.problem:
+            message += f" ({error.context} at line {error.context_mark.line + 1})"
+        raise PolicyError(origin.name, line, "", message) from None
     except yaml.YAMLError as error:
         raise PolicyError(origin.name, None, "", f"invalid YAML: {error}") from None
     if root is None:
