@@ -13,6 +13,7 @@ import json
 import os
 from collections.abc import Callable
 from http import HTTPStatus
+from typing import cast
 
 import h11
 
@@ -86,9 +87,9 @@ class HandshakeProtocol(asyncio.Protocol):
         self._proxy_header: bytearray | None = bytearray() if proxy_protocol else None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.peer_ip = peer_ip(transport.get_extra_info("peername"))
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.peer_ip = peer_ip(self.transport.get_extra_info("peername"))
         timeout = self._limits.handshake_timeout
         self._timer = asyncio.get_running_loop().call_later(timeout, self._timed_out)
 

@@ -13,6 +13,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import cast
 
 import h11
 
@@ -169,9 +170,9 @@ class UpstreamHandshake(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        transport.write(self._request_bytes)
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+        self._transport.write(self._request_bytes)
 
     def data_received(self, data: bytes) -> None:
         if self.done.done():
@@ -295,8 +296,7 @@ async def connect_upstream(request: HandshakeRequest, admission: Admission) -> U
                 ssl=upstream_tls_context(upstream),
                 server_hostname=upstream.host if upstream.secure else None,
             )
-            assert isinstance(raw_transport, asyncio.Transport)
-            transport = raw_transport
+            transport = cast(asyncio.Transport, raw_transport)
             _status, response_headers, pending = await protocol.done
         subprotocol, passed = _check_101(response_headers, key, offered)
     except UpstreamError:
