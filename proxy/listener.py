@@ -23,6 +23,9 @@ from proxy.policy.model import Limits
 from proxy.proxyproto import ProxyHeaderError, parse_proxy_header
 from proxy.request import HandshakeRequest
 
+#: How long a rejected connection is kept half-open to swallow the rest of the client's request.
+LINGER_SECONDS = 2.0
+
 
 def new_request_id() -> str:
     """A random 16-hex-digit id, set on every request and passed upstream as ``X-Request-Id``."""
@@ -85,6 +88,8 @@ class HandshakeProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         #: Bytes of a PROXY header still being read, or None once it was (or when none is expected).
         self._proxy_header: bytearray | None = bytearray() if proxy_protocol else None
+        #: After a rejection: the answer is sent and what the client still sends is discarded.
+        self._lingering = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -94,6 +99,8 @@ class HandshakeProtocol(asyncio.Protocol):
         self._timer = asyncio.get_running_loop().call_later(timeout, self._timed_out)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
         if self._request is not None or self.answered:
             self.pending += data  # reading is paused; only what was already in flight lands here
             return
@@ -114,6 +121,12 @@ class HandshakeProtocol(asyncio.Protocol):
             if event is h11.NEED_DATA:
                 return
             if isinstance(event, h11.Request):
+                # h11 bounds only a request still incomplete in its buffer; one that arrived whole in a
+                # single read is measured here, so the limit does not depend on how TCP split the bytes.
+                size = len(event.target) + sum(len(name) + len(value) + 4 for name, value in event.headers)
+                if size > self._limits.max_header_bytes:
+                    self._on_bad_request(self, Rejection(431, "bad_request", "request headers too large"))
+                    return
                 self._request = event
                 continue
             if isinstance(event, h11.Data):
@@ -176,8 +189,18 @@ class HandshakeProtocol(asyncio.Protocol):
             return
         self.answered = True
         self._cancel_timer()
-        self.transport.write(rejection_response(rejection, self.request_id))
-        self.transport.close()
+        transport = self.transport
+        transport.write(rejection_response(rejection, self.request_id))
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        # Lingering close, as nginx does: a client still sending its request would get a TCP reset on close,
+        # and a reset can destroy our answer before the client reads it. Half-close, discard what still
+        # arrives, and cut the socket when the client closes its side or after LINGER_SECONDS.
+        self._lingering = True
+        transport.write_eof()
+        transport.resume_reading()
+        self._timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.abort)
 
     def accept(self, head: bytes) -> None:
         """Write the 101; the caller hands the transport to the relay right after."""

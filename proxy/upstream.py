@@ -289,14 +289,13 @@ async def connect_upstream(request: HandshakeRequest, admission: Admission) -> U
     transport: asyncio.Transport | None = None
     try:
         async with asyncio.timeout(timeout):
-            raw_transport, protocol = await loop.create_connection(
+            transport, protocol = await loop.create_connection(
                 lambda: UpstreamHandshake(loop, target, headers),
                 upstream.host,
                 upstream.port,
                 ssl=upstream_tls_context(upstream),
                 server_hostname=upstream.host if upstream.secure else None,
             )
-            transport = cast(asyncio.Transport, raw_transport)
             _status, response_headers, pending = await protocol.done
         subprotocol, passed = _check_101(response_headers, key, offered)
     except UpstreamError:

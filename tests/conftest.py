@@ -1,0 +1,341 @@
+"""Shared fixtures: a real aiohttp upstream, an in-process gateway, and ``wsgate serve`` as a subprocess.
+
+Everything runs on 127.0.0.1 with ephemeral ports; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType, web
+
+from proxy import logs
+from proxy.app import Gateway
+from proxy.policy.load import parse_policy
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- upstream ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class UpstreamRecord:
+    """What the upstream saw of one WebSocket session."""
+
+    path: str
+    query: str
+    headers: dict[str, str]
+    subprotocol: str | None
+    close_code: int | None = None
+    close_reason: str = ""
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    messages: list[Any] = field(default_factory=list)
+    sent: int = 0
+
+
+class Upstream:
+    """An aiohttp WebSocket server with behaviours chosen by path:
+
+    - ``/echo`` (and any unknown path): every message back, ``close:CODE`` closes with CODE and reason "bye";
+    - ``/headers``: sends the request headers, path and query as one JSON text message;
+    - ``/die``: aborts the TCP connection after the first message;
+    - ``/silent``: reads and never answers (a slow or stuck service);
+    - ``/close-on-open``: closes 4001 "go away" right after the handshake;
+    - ``/slow-reader``: reads nothing until told (``release`` event), to test backpressure;
+    - ``/flood``: sends ``count`` binary messages of ``size`` bytes (query parameters) as fast as it can.
+    Every session's request and close are recorded in :attr:`records`.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[UpstreamRecord] = []
+        self.release = asyncio.Event()
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+        self.sessions_open = 0
+        self._sockets: set[web.WebSocketResponse] = set()
+
+    def url(self, path: str = "/echo") -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+    async def start(self, ssl_context: Any = None) -> Upstream:
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ssl_context)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def stop(self) -> None:
+        """Close live sessions with 1001 like a real service going down, then stop listening."""
+        self.release.set()
+        for ws in list(self._sockets):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(code=1001, message=b"upstream shutting down"), 2)
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(protocols=("chat", "echo"), max_msg_size=0, autoping=True)
+        await ws.prepare(request)
+        record = UpstreamRecord(request.path, request.query_string, dict(request.headers), ws.ws_protocol)
+        self.records.append(record)
+        self.sessions_open += 1
+        self._sockets.add(ws)
+        try:
+            await self._behave(request, ws, record)
+        finally:
+            self._sockets.discard(ws)
+            self.sessions_open -= 1
+            if record.close_code is None:
+                record.close_code = ws.close_code
+            record.closed.set()
+        return ws
+
+    async def _behave(self, request: web.Request, ws: web.WebSocketResponse, record: UpstreamRecord) -> None:
+        path = "/" + request.path.split("/")[1]  # behaviour by first segment: /headers/room/7 is /headers
+        if path == "/headers":
+            await ws.send_str(
+                json.dumps(
+                    {"headers": dict(request.headers), "path": request.path, "query": request.query_string}
+                )
+            )
+        elif path == "/close-on-open":
+            await ws.close(code=4001, message=b"go away")
+            return
+        elif path == "/slow-reader":
+            await self.release.wait()
+        elif path == "/flood":
+            payload = b"x" * int(request.query.get("size", "1024"))
+            for _ in range(int(request.query.get("count", "100"))):
+                await ws.send_bytes(payload)
+                record.sent += 1
+        while True:
+            message = await ws.receive()
+            if message.type == WSMsgType.CLOSE:
+                record.close_code, record.close_reason = message.data, message.extra or ""
+                return
+            if message.type in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                return
+            if message.type == WSMsgType.TEXT:
+                record.messages.append(message.data)
+                if message.data.startswith("close:"):
+                    await ws.close(code=int(message.data[6:]), message=b"bye")
+                    return
+                if path != "/silent":
+                    await ws.send_str(message.data)
+            elif message.type == WSMsgType.BINARY:
+                record.messages.append(message.data)
+                if path == "/die":
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return
+                if path != "/silent":
+                    await ws.send_bytes(message.data)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    server = await Upstream().start()
+    yield server
+    await server.stop()
+
+
+# -- in-process gateway -----------------------------------------------------------------------------
+
+
+class LogCapture(logging.Handler):
+    """Collects wsgate's log events as dicts (event name plus fields)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.events: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "fields", None) or {}
+        self.events.append({"event": record.getMessage(), "level": record.levelname.lower(), **fields})
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [entry for entry in self.events if entry["event"] == name]
+
+    async def wait_for(self, name: str, timeout: float = 5.0, **match: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for entry in self.named(name):
+                if all(entry.get(key) == value for key, value in match.items()):
+                    return entry
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"no {name} event matching {match}; saw {self.events}")
+
+
+@pytest.fixture
+def log_events() -> Iterator[LogCapture]:
+    capture = LogCapture()
+    logger = logs.LOGGER
+    saved = (logger.level, logger.propagate)
+    logger.addHandler(capture)
+    logger.setLevel(logging.DEBUG)
+    yield capture
+    logger.removeHandler(capture)
+    logger.setLevel(saved[0])
+
+
+@dataclass
+class RunningGateway:
+    gateway: Gateway
+    port: int
+
+    def url(self, path: str = "/echo") -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+    def http(self, path: str = "/echo") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+def policy_text(body: str) -> str:
+    """A policy with a client listener on an ephemeral port, plus ``body`` (dedented YAML)."""
+    return 'version: 1\nlisten: {address: "127.0.0.1:0"}\n' + textwrap.dedent(body)
+
+
+GatewayFactory = Callable[[str], Awaitable[RunningGateway]]
+
+
+@pytest.fixture
+async def gateway(log_events: LogCapture, upstream: Upstream) -> AsyncIterator[GatewayFactory]:
+    """Factory: ``await gateway(yaml_body)`` starts an in-process gateway; stopped at teardown (before the
+    upstream, which it depends on for that reason)."""
+    started: list[Gateway] = []
+
+    async def start(body: str) -> RunningGateway:
+        instance = Gateway(parse_policy(policy_text(body)))
+        address = await instance.start()
+        started.append(instance)
+        return RunningGateway(instance, address.port)
+
+    yield start
+    for instance in started:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(instance.stop(), 10)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+# -- wsgate as a subprocess -------------------------------------------------------------------------
+
+
+class WsgateProcess:
+    """``wsgate serve -c FILE`` in a subprocess; its JSON log lines are collected as they arrive."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", *args],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.stderr: list[str] = []
+        self._threads = [
+            threading.Thread(target=self._read, args=(self.process.stdout, self.lines), daemon=True),
+            threading.Thread(target=self._read, args=(self.process.stderr, self.stderr), daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @staticmethod
+    def _read(stream: Any, into: list[str]) -> None:
+        for line in stream:
+            into.append(line.rstrip("\n"))
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        parsed = []
+        for line in list(self.lines) + list(self.stderr):
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict) and (name is None or entry.get("event") == name):
+                    parsed.append(entry)
+        return parsed
+
+    async def wait_for(self, name: str, timeout: float = 10.0, **match: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for entry in self.events(name):
+                if all(entry.get(key) == value for key, value in match.items()):
+                    return entry
+            if self.process.poll() is not None and not self.events(name):
+                break
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no {name} event matching {match}; stdout={self.lines} stderr={self.stderr}")
+
+    async def listening_port(self) -> int:
+        entry = await self.wait_for("gateway.listening")
+        return int(entry["address"].rsplit(":", 1)[1])
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.process.send_signal(signum)
+
+    async def wait_exit(self, timeout: float = 15.0) -> int:
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError("wsgate did not exit")
+            await asyncio.sleep(0.02)
+        for thread in self._threads:
+            thread.join(2)
+        return self.process.returncode
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+
+@pytest.fixture
+def wsgate_process() -> Iterator[Callable[..., WsgateProcess]]:
+    """Factory: ``wsgate_process("serve", "-c", path)`` starts ``python -m proxy ...``; killed at teardown."""
+    started: list[WsgateProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> WsgateProcess:
+        process = WsgateProcess(list(args), env)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))

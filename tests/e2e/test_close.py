@@ -1,0 +1,166 @@
+"""Close codes cross the gateway unchanged both ways; a side that vanishes is reported to the other side
+promptly; nothing (tasks, sockets, sessions) is left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+
+from aiohttp import WSMsgType
+from conftest import open_fds
+from wsraw import TEXT, RawClient
+
+
+def route(upstream_url: str) -> str:
+    return f"""
+    limits: {{close_timeout: 2s}}
+    routes:
+      - path: /
+        match: prefix
+        upstream: {upstream_url}
+        auth: none
+    """
+
+
+async def test_upstream_close_code_and_reason_reach_client(gateway, upstream, client):
+    gw = await gateway(route(upstream.url("/")))
+    async with client.ws_connect(gw.url("/echo")) as ws:
+        await ws.send_str("close:4000")
+        message = await ws.receive(timeout=5)
+        assert (message.type, message.data, message.extra) == (WSMsgType.CLOSE, 4000, "bye")
+
+
+async def test_upstream_close_right_after_open(gateway, upstream, client):
+    gw = await gateway(route(upstream.url("/")))
+    async with client.ws_connect(gw.url("/close-on-open")) as ws:
+        message = await ws.receive(timeout=5)
+        assert (message.type, message.data, message.extra) == (WSMsgType.CLOSE, 4001, "go away")
+
+
+async def test_client_close_code_and_reason_reach_upstream(gateway, upstream, log_events):
+    gw = await gateway(route(upstream.url("/")))
+    ws, _ = await RawClient.connect(gw.port, "/echo")
+    ws.send_frame(TEXT, b"hello")
+    assert await ws.recv_message() == (TEXT, b"hello")
+    ws.send_close(4321, "client says bye ✓")
+    answer = await ws.recv_close()
+    assert answer.close_code == 1000  # aiohttp answers every close with 1000; relayed as it was sent
+    assert await ws.at_eof()
+    record = upstream.records[0]
+    await asyncio.wait_for(record.closed.wait(), 5)
+    assert (record.close_code, record.close_reason) == (4321, "client says bye ✓")
+    closed = await log_events.wait_for("session.close")
+    assert (closed["initiator"], closed["code"], closed["reason"]) == ("client", 4321, "client says bye ✓")
+
+
+async def test_close_without_code_is_relayed_as_no_status(gateway, upstream):
+    gw = await gateway(route(upstream.url("/")))
+    ws, _ = await RawClient.connect(gw.port, "/echo")
+    ws.send_frame(0x8, b"")
+    frame = await ws.recv_close()
+    assert frame.close_code == 1000
+    record = upstream.records[0]
+    await asyncio.wait_for(record.closed.wait(), 5)
+    assert record.close_code in (0, 1005), record  # "no status" reached the upstream as no status
+
+
+async def test_upstream_dies_mid_session_client_gets_1011_promptly(gateway, upstream, log_events):
+    gw = await gateway(route(upstream.url("/")))
+    ws, _ = await RawClient.connect(gw.port, "/die")
+    started = time.monotonic()
+    ws.send_frame(0x2, b"kill")
+    frame = await ws.recv_close(timeout=3)
+    assert frame.close_code in (1011, 1014), frame
+    assert time.monotonic() - started < 1.0
+    ws.send_close(frame.close_code or 1000)
+    closed = await log_events.wait_for("session.close")
+    assert closed["initiator"] == "upstream"
+
+
+async def test_upstream_process_gone_client_gets_1011(gateway, upstream, client):
+    gw = await gateway(route(upstream.url("/")))
+    async with client.ws_connect(gw.url("/silent")) as ws:
+        await ws.send_str("x")
+        await asyncio.sleep(0.05)
+        for sock in list(upstream._sockets):  # the upstream host vanishes: TCP reset, no close frame
+            transport = sock._req.transport if sock._req else None
+            assert transport is not None
+            transport.abort()
+        message = await ws.receive(timeout=3)
+        assert (message.type, message.data) == (WSMsgType.CLOSE, 1011)
+
+
+async def test_client_vanishes_upstream_gets_1001_promptly(gateway, upstream, log_events):
+    gw = await gateway(route(upstream.url("/")))
+    ws, _ = await RawClient.connect(gw.port, "/silent")
+    ws.send_frame(TEXT, b"x")
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    ws.abort()
+    record = upstream.records[0]
+    await asyncio.wait_for(record.closed.wait(), 3)
+    assert record.close_code == 1001
+    assert time.monotonic() - started < 1.0
+    closed = await log_events.wait_for("session.close")
+    assert (closed["initiator"], closed["code"]) == ("client", 1006)
+
+
+async def test_client_that_never_answers_a_close_is_cut_after_close_timeout(gateway, upstream):
+    gw = await gateway(route(upstream.url("/")))
+    ws, _ = await RawClient.connect(gw.port, "/echo")
+    ws.send_frame(TEXT, b"close:4002")
+    frame = await ws.recv_close()
+    assert frame.close_code == 4002
+    started = time.monotonic()
+    assert await ws.at_eof(timeout=5)  # we never answer; the gateway cuts us after close_timeout (2 s)
+    assert 1.5 < time.monotonic() - started < 4
+
+
+def _live_tasks() -> int:
+    return len([task for task in asyncio.all_tasks() if not task.done()])
+
+
+async def test_no_task_socket_or_session_leaks_across_every_ending(gateway, upstream, client):
+    """Run every kind of ending many times; afterwards the gateway holds no session and the process has the
+    same number of tasks and file descriptors as before."""
+    gw = await gateway(route(upstream.url("/")))
+    # warm up: first connections allocate lazily (resolver, SSL contexts, caches)
+    async with client.ws_connect(gw.url("/echo")) as ws:
+        await ws.send_str("warm")
+        await ws.receive(timeout=5)
+    await asyncio.sleep(0.2)
+    gc.collect()
+    fds_before, tasks_before = open_fds(), _live_tasks()
+
+    for _ in range(10):
+        # normal close from the client
+        async with client.ws_connect(gw.url("/echo")) as ws:
+            await ws.send_str("a")
+            await ws.receive(timeout=5)
+        # close from the upstream
+        async with client.ws_connect(gw.url("/echo")) as ws:
+            await ws.send_str("close:4000")
+            await ws.receive(timeout=5)
+        # upstream dies
+        raw, _ = await RawClient.connect(gw.port, "/die")
+        raw.send_frame(0x2, b"x")
+        await raw.recv_close()
+        raw.abort()
+        # client vanishes
+        raw, _ = await RawClient.connect(gw.port, "/silent")
+        raw.send_frame(TEXT, b"x")
+        await asyncio.sleep(0.01)
+        raw.abort()
+        # rejected handshakes
+        async with client.get(gw.http("/echo")) as response:
+            assert response.status == 426
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (len(gw.gateway.sessions) or upstream.sessions_open):
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+    gc.collect()
+    assert len(gw.gateway.sessions) == 0
+    assert upstream.sessions_open == 0
+    assert _live_tasks() <= tasks_before, asyncio.all_tasks()
+    assert open_fds() <= fds_before + 2, f"fds {fds_before} -> {open_fds()}"

@@ -1,0 +1,172 @@
+"""Every handshake failure is an HTTP answer with a status, a JSON body naming the error, and a request id."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from conftest import free_port
+from wsraw import RawClient
+
+
+def body(response) -> dict:
+    assert response.headers["content-type"].startswith("application/json")
+    decoded = json.loads(response.body)
+    assert len(decoded["request_id"]) >= 8
+    assert response.headers["x-request-id"] == decoded["request_id"]
+    return decoded
+
+
+def route(upstream_url: str, limits: str = "") -> str:
+    return f"""
+    limits: {{upstream_connect_timeout: 500ms, handshake_timeout: 500ms, max_header_bytes: 4KiB{limits}}}
+    routes:
+      - path: /echo
+        upstream: {upstream_url}
+        auth: none
+    """
+
+
+async def test_no_route_is_404(gateway, upstream, log_events):
+    gw = await gateway(route(upstream.url()))
+    _, response = await RawClient.connect(gw.port, "/elsewhere")
+    assert response.status == 404
+    assert body(response)["error"] == "no_route"
+    rejected = await log_events.wait_for("handshake.rejected")
+    assert (rejected["status"], rejected["reason"], rejected["path"]) == (404, "no_route", "/elsewhere")
+
+
+async def test_plain_http_request_to_a_route_is_426(gateway, upstream, client):
+    gw = await gateway(route(upstream.url()))
+    async with client.get(gw.http("/echo")) as response:
+        assert response.status == 426
+        assert response.headers["Upgrade"].lower() == "websocket"
+        assert (await response.json())["error"] == "bad_request"
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected_status"),
+    [
+        ({"Sec-WebSocket-Key": "not-base64-of-16-bytes"}, 400),
+        ({"Sec-WebSocket-Version": "8"}, 426),
+        ({"Sec-WebSocket-Key": ""}, 400),
+    ],
+)
+async def test_malformed_upgrade_is_refused(gateway, upstream, headers, expected_status):
+    gw = await gateway(route(upstream.url()))
+    _, response = await RawClient.connect(gw.port, "/echo", headers)
+    assert response.status == expected_status
+    assert body(response)["error"] == "bad_request"
+    assert upstream.records == []  # nothing reached the upstream
+
+
+async def test_post_upgrade_is_refused(gateway, upstream):
+    gw = await gateway(route(upstream.url()))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    status_line = await reader.readline()
+    assert int(status_line.split()[1]) in (400, 405, 426)
+    writer.close()
+
+
+async def test_garbage_instead_of_http_is_400_and_harms_nobody(gateway, upstream, client):
+    gw = await gateway(route(upstream.url()))
+    async with client.ws_connect(gw.url()) as healthy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(b"\x16\x03\x01\x02\x00garbage that is not HTTP\r\n\r\n")
+        status_line = await reader.readline()
+        assert b"400" in status_line
+        writer.close()
+        await healthy.send_str("still here")
+        assert (await healthy.receive(timeout=5)).data == "still here"
+
+
+async def test_oversized_request_headers_are_431(gateway, upstream):
+    """4 KiB limit: an 8 KB cookie in one read is refused."""
+    gw = await gateway(route(upstream.url()))
+    _, response = await RawClient.connect(gw.port, "/echo", {"Cookie": "a=" + "x" * 8000})
+    assert response.status == 431
+    assert body(response)["error"] == "bad_request"
+    assert upstream.records == []
+
+
+async def test_oversized_request_headers_trickled_in_are_431(gateway, upstream):
+    """The same limit when the headers arrive in many small reads."""
+    gw = await gateway(route(upstream.url()))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n")
+    for index in range(40):
+        writer.write(f"X-Filler-{index}: {'y' * 200}\r\n".encode())
+        await writer.drain()
+        await asyncio.sleep(0.005)
+    status_line = await asyncio.wait_for(reader.readline(), 3)
+    assert b"431" in status_line
+    writer.close()
+
+
+async def test_slow_handshake_is_408(gateway, upstream):
+    gw = await gateway(route(upstream.url()))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+    started = time.monotonic()
+    status_line = await asyncio.wait_for(reader.readline(), 3)
+    assert b"408" in status_line
+    assert 0.4 < time.monotonic() - started < 2
+    assert await asyncio.wait_for(reader.read(), 3) is not None
+    writer.close()
+
+
+async def test_idle_tcp_connection_without_a_byte_is_closed(gateway, upstream):
+    gw = await gateway(route(upstream.url()))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    data = await asyncio.wait_for(reader.read(), 3)  # gateway closes the socket after handshake_timeout
+    assert data == b"" or b"408" in data
+    writer.close()
+
+
+async def test_upstream_refusing_connections_is_502(gateway, upstream, log_events):
+    gw = await gateway(route(f"ws://127.0.0.1:{free_port()}/"))
+    _, response = await RawClient.connect(gw.port, "/echo")
+    assert response.status == 502
+    decoded = body(response)
+    assert decoded["error"] == "upstream_unavailable"
+    assert "refused" in decoded["detail"]
+    rejected = await log_events.wait_for("handshake.rejected")
+    assert rejected["status"] == 502
+
+
+async def test_upstream_accepting_but_never_answering_is_502_after_the_connect_timeout(gateway, upstream):
+    held: list[asyncio.StreamWriter] = []
+
+    async def black_hole(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(black_hole, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    gw = await gateway(route(f"ws://127.0.0.1:{port}/"))
+    started = time.monotonic()
+    _, response = await RawClient.connect(gw.port, "/echo")
+    elapsed = time.monotonic() - started
+    assert response.status == 502
+    assert "within 0.5s" in body(response)["detail"]
+    assert 0.4 < elapsed < 2
+    for writer in held:
+        writer.close()
+    server.close()
+
+
+async def test_upstream_answering_http_instead_of_websocket_is_502(gateway, upstream):
+    async def not_websocket(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(not_websocket, "127.0.0.1", 0)
+    gw = await gateway(route(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/"))
+    _, response = await RawClient.connect(gw.port, "/echo")
+    assert response.status == 502
+    assert "200" in body(response)["detail"]
+    server.close()
