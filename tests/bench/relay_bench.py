@@ -7,7 +7,7 @@ Both the upstream and the client are raw-frame uvloop protocols, so what is meas
 
 Figures printed per target:
 - latency: p50/p99 round trip of one 64-byte message at a time on one connection;
-- throughput: messages/s echoed with ``--connections`` connections each keeping ``--window`` messages in flight;
+- throughput: messages/s echoed by ``--connections`` connections, each with ``--window`` messages in flight;
 - proxy CPU: user+system CPU-seconds of the proxy process per 100k messages relayed (an echo relays 2).
 """
 
@@ -87,7 +87,8 @@ class EchoUpstream(asyncio.Protocol):
             if masked:
                 key = buf[pos + hlen : pos + hlen + 4]
                 mask = (bytes(key) * (length // 4 + 1))[:length]
-                payload = (int.from_bytes(payload, "big") ^ int.from_bytes(mask, "big")).to_bytes(length, "big")
+                unmasked = int.from_bytes(payload, "big") ^ int.from_bytes(mask, "big")
+                payload = unmasked.to_bytes(length, "big")
             opcode = b0 & 0x0F
             if opcode == 0x8:
                 self.transport.write(bytes([0x88, len(payload)]) + payload)
@@ -323,7 +324,8 @@ def start_nginx(upstream_port: int, workdir: Path) -> tuple[subprocess.Popen[byt
     process = subprocess.Popen([binary, "-c", str(conf), "-p", str(workdir)], stderr=subprocess.DEVNULL)
     wait_port(port)
     time.sleep(0.2)
-    children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    pgrep = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True)
+    children = pgrep.stdout.split()
     return process, port, [process.pid, *map(int, children)]
 
 
@@ -346,7 +348,9 @@ async def measure(name: str, port: int, pids: list[int], args: argparse.Namespac
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=5000, help="latency round trips (default 5000)")
     parser.add_argument("--connections", type=int, default=20)
     parser.add_argument("--messages", type=int, default=10000, help="messages per connection")
@@ -390,8 +394,9 @@ def main() -> None:
                     process.kill()
             upstream.terminate()
     print(
-        f"\nrelay benchmark: latency {args.rounds} round trips of 64 B; throughput {args.connections} conns x "
-        f"{args.messages} msgs of {args.size} B, window {args.window}; {os.cpu_count()} CPUs"
+        f"\nrelay benchmark: latency {args.rounds} round trips of 64 B; "
+        f"throughput {args.connections} conns x {args.messages} msgs of {args.size} B, "
+        f"window {args.window}; {os.cpu_count()} CPUs"
     )
     print(f"{'target':<8} {'p50 µs':>8} {'p99 µs':>8} {'msgs/s':>10} {'proxy CPU-s/100k msgs':>22}")
     for name, figures in results.items():
