@@ -109,20 +109,22 @@ class MessageChecker:
         return None
 
     def _take(self, size: int, now: float) -> Verdict:
+        """Take one message and ``size`` bytes from the buckets; a refused message takes nothing."""
         elapsed = now - self._last
         self._last = now
+        message_tokens = self._message_tokens
+        byte_tokens = self._byte_tokens
+        refused = False
         if self._messages_per_second is not None:
-            tokens = min(self._message_burst, self._message_tokens + elapsed * self._messages_per_second)
-            if tokens < 1.0:
-                self._message_tokens = tokens
-                return self._violation("rate", CloseCode.POLICY_VIOLATION, "rate limit exceeded")
-            self._message_tokens = tokens - 1.0
+            message_tokens = min(self._message_burst, message_tokens + elapsed * self._messages_per_second)
+            refused = message_tokens < 1.0
         if self._bytes_per_second is not None:
-            tokens = min(self._byte_burst, self._byte_tokens + elapsed * self._bytes_per_second)
-            if tokens < size:
-                self._byte_tokens = tokens
-                return self._violation("rate", CloseCode.POLICY_VIOLATION, "rate limit exceeded")
-            self._byte_tokens = tokens - size
+            byte_tokens = min(self._byte_burst, byte_tokens + elapsed * self._bytes_per_second)
+            refused = refused or byte_tokens < size
+        if refused:
+            self._message_tokens, self._byte_tokens = message_tokens, byte_tokens
+            return self._violation("rate", CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+        self._message_tokens, self._byte_tokens = message_tokens - 1.0, byte_tokens - size
         return None
 
     def drops(self, verdict: tuple[int, str]) -> bool:

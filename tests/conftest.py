@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -212,8 +213,10 @@ class RunningGateway:
 
 
 def policy_text(body: str) -> str:
-    """A policy with a client listener on an ephemeral port, plus ``body`` (dedented YAML)."""
-    return 'version: 1\nlisten: {address: "127.0.0.1:0"}\n' + textwrap.dedent(body)
+    """``body`` (dedented YAML) with ``version`` and, unless it has one, a listener on an ephemeral port."""
+    body = textwrap.dedent(body)
+    listen = "" if re.search(r"^listen:", body, re.M) else 'listen: {address: "127.0.0.1:0"}\n'
+    return "version: 1\n" + listen + body
 
 
 GatewayFactory = Callable[[str], Awaitable[RunningGateway]]

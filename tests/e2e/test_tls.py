@@ -1,0 +1,205 @@
+"""TLS: wss:// on the client listener (with a minimum version), and wss:// upstreams verified against a
+``ca_file`` (an untrusted upstream certificate is a 502, never a silent downgrade)."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import ssl
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType
+from conftest import Upstream
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def make_ca(directory: Path, name: str) -> tuple[Path, ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(_name(name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
+        )
+        .sign(key, hashes.SHA256())
+    )
+    path = directory / f"{name}.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path, key, cert
+
+
+def make_leaf(
+    directory: Path, name: str, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate
+) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.fixture
+def pki(tmp_path):
+    ca_path, ca_key, ca_cert = make_ca(tmp_path, "test-ca")
+    cert, key = make_leaf(tmp_path, "server", ca_key, ca_cert)
+    _, rogue_key, rogue_cert = make_ca(tmp_path, "rogue-ca")
+    rogue_cert_path, rogue_key_path = make_leaf(tmp_path, "rogue", rogue_key, rogue_cert)
+    return {
+        "ca": ca_path,
+        "cert": cert,
+        "key": key,
+        "rogue_cert": rogue_cert_path,
+        "rogue_key": rogue_key_path,
+    }
+
+
+def client_context(ca: Path, maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca))
+    if maximum is not None:
+        context.maximum_version = maximum
+    return context
+
+
+async def test_wss_listener_relays_and_tells_upstream_the_proto(gateway, upstream, pki):
+    gw = await gateway(
+        f"""
+    listen: {{address: "127.0.0.1:0", tls: {{cert: {pki["cert"]}, key: {pki["key"]}, min_version: "1.3"}}}}
+    routes:
+      - path: /echo
+        upstream: {upstream.url("/headers")}
+        auth: none
+    """
+    )
+    context = client_context(pki["ca"])
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"wss://127.0.0.1:{gw.port}/echo", ssl=context) as ws:
+            seen = json.loads((await ws.receive(timeout=5)).data)
+            forwarded = {name.lower(): value for name, value in seen["headers"].items()}
+            assert forwarded["x-forwarded-proto"] == "https"
+            await ws.send_str("over tls")
+            assert (await ws.receive(timeout=5)).data == "over tls"
+        with pytest.raises(aiohttp.ClientConnectorError):  # below the minimum version: no handshake
+            await session.ws_connect(
+                f"wss://127.0.0.1:{gw.port}/echo", ssl=client_context(pki["ca"], ssl.TLSVersion.TLSv1_2)
+            )
+
+
+async def test_plain_http_to_a_tls_listener_is_refused(gateway, upstream, pki):
+    gw = await gateway(
+        f"""
+    listen: {{address: "127.0.0.1:0", tls: {{cert: {pki["cert"]}, key: {pki["key"]}}}}}
+    routes:
+      - path: /echo
+        upstream: {upstream.url()}
+        auth: none
+    """
+    )
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientError):
+            await session.ws_connect(f"ws://127.0.0.1:{gw.port}/echo")
+        # and the listener still serves TLS afterwards
+        async with session.ws_connect(f"wss://127.0.0.1:{gw.port}/echo", ssl=client_context(pki["ca"])) as ws:
+            await ws.send_str("ok")
+            assert (await ws.receive(timeout=5)).data == "ok"
+
+
+@pytest.fixture
+async def tls_upstream(pki):
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki["cert"], pki["key"])
+    server = await Upstream().start(ssl_context=context)
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def rogue_upstream(pki):
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki["rogue_cert"], pki["rogue_key"])
+    server = await Upstream().start(ssl_context=context)
+    yield server
+    await server.stop()
+
+
+async def test_wss_upstream_verified_with_ca_file(gateway, tls_upstream, rogue_upstream, pki, client):
+    gw = await gateway(
+        f"""
+    routes:
+      - path: /good
+        upstream: wss://127.0.0.1:{tls_upstream.port}/echo
+        upstream_tls: {{ca_file: {pki["ca"]}}}
+        auth: none
+      - path: /rogue
+        upstream: wss://127.0.0.1:{rogue_upstream.port}/echo
+        upstream_tls: {{ca_file: {pki["ca"]}}}
+        auth: none
+      - path: /system-ca
+        upstream: wss://127.0.0.1:{tls_upstream.port}/echo
+        auth: none
+      - path: /skip
+        upstream: wss://127.0.0.1:{rogue_upstream.port}/echo
+        upstream_tls: {{insecure_skip_verify: true}}
+        auth: none
+    """
+    )
+    async with client.ws_connect(gw.url("/good")) as ws:
+        await ws.send_str("verified")
+        assert (await ws.receive(timeout=5)).data == "verified"
+    for path in ("/rogue", "/system-ca"):
+        async with client.get(gw.http(path), headers=_upgrade_headers()) as response:
+            assert response.status == 502
+            body = await response.json()
+            assert body["error"] == "upstream_unavailable"
+            assert "certificate" in body["detail"].lower()
+    assert rogue_upstream.records == []
+    async with client.ws_connect(gw.url("/skip")) as ws:  # the explicit test-only escape hatch
+        await ws.send_str("unverified")
+        message = await ws.receive(timeout=5)
+        assert (message.type, message.data) == (WSMsgType.TEXT, "unverified")
+
+
+def _upgrade_headers() -> dict[str, str]:
+    return {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+    }
