@@ -11,15 +11,19 @@ import logging
 import signal
 import ssl
 import time
+from typing import Any
 
 from proxy import logs
+from proxy.admin import AdminServer, AdminState
 from proxy.errors import CloseCode, Rejection, UpstreamError
 from proxy.frames import accept_key
 from proxy.handshake import Pipeline
 from proxy.limiter.memory import MemoryLimiter
 from proxy.listener import HandshakeProtocol, http_response
+from proxy.metrics import NO_ROUTE, Metrics, build_registry
 from proxy.policy.model import Address, Policy, TlsListen
 from proxy.relay import start_relay
+from proxy.reload import Reloader, enforce, refusal_for
 from proxy.request import HandshakeRequest
 from proxy.sessions import Session, SessionRegistry
 from proxy.upstream import connect_upstream
@@ -39,13 +43,27 @@ class Gateway:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self.limiter = MemoryLimiter()
-        self.pipeline = Pipeline(policy, self.limiter)
         self.sessions = SessionRegistry()
+        self.metrics = Metrics(lambda: self.sessions)
+        self.registry = build_registry(self.metrics)
+        self.pipeline = Pipeline(policy, self.limiter, on_jwks_refresh=self.metrics.jwks_refreshed)
+        self.metrics.policy_loaded(policy)
         self.draining = False
         self.address: Address | None = None
+        self.admin = AdminServer(
+            self.registry,
+            AdminState(
+                policy=lambda: self.policy,
+                ready=lambda: self._server is not None and self._server.is_serving(),
+                draining=lambda: self.draining,
+                policy_loaded_at=lambda: self.metrics.policy_loaded_at,
+                started_at=time.time(),
+            ),
+        )
+        self.admin_address: Address | None = None
         self._server: asyncio.Server | None = None
         self._handshakes: set[HandshakeProtocol] = set()
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -65,14 +83,30 @@ class Gateway:
         )
         host, port = self._server.sockets[0].getsockname()[:2]
         self.address = Address(host, port)
+        try:
+            self.admin_address = await self.admin.start(self.policy.admin)
+        except BaseException:
+            self._server.close()
+            raise
         logs.event(
             "gateway.listening",
             address=str(self.address),
+            admin=str(self.admin_address),
             tls=tls is not None,
             routes=[route.path for route in self.policy.routes],
             policy_sha256=self.policy.sha256[:12],
         )
         return self.address
+
+    def apply_policy(self, policy: Policy) -> int:
+        """Swap in a new valid policy: new handshakes use it at once; live sessions it would refuse are
+        closed 1008 "policy changed". Returns how many were closed."""
+        self.pipeline = Pipeline(
+            policy, self.limiter, previous=self.pipeline, on_jwks_refresh=self.metrics.jwks_refreshed
+        )
+        self.policy = policy
+        self.metrics.policy_loaded(policy)
+        return enforce(self.sessions, policy)
 
     async def stop(self) -> None:
         """Graceful stop: refuse new connections, send 1001 to both sides of every session, wait up to
@@ -80,6 +114,7 @@ class Gateway:
         if self.draining:
             return
         self.draining = True
+        self.metrics.draining = True
         if self._server is not None:
             self._server.close()
         for handshake in list(self._handshakes):
@@ -91,6 +126,7 @@ class Gateway:
         drained = await self.sessions.wait_empty(self.policy.limits.drain_timeout)
         if not drained:
             self.abort_all()
+        await self.admin.stop()
         logs.event("gateway.stopped", drained=drained, cut=0 if drained else live)
         self._stopped.set()
 
@@ -125,8 +161,18 @@ class Gateway:
         connection.task = asyncio.get_running_loop().create_task(self._handshake(connection, request))
 
     def _reject(
-        self, connection: HandshakeProtocol, rejection: Rejection, request: HandshakeRequest | None = None
+        self,
+        connection: HandshakeProtocol,
+        rejection: Rejection,
+        request: HandshakeRequest | None = None,
+        started: float | None = None,
     ) -> None:
+        route = self.policy.match_route(request.path) if request is not None else None
+        self.metrics.rejected(
+            route.path if route is not None else NO_ROUTE,
+            rejection.reason,
+            time.monotonic() - started if started is not None else None,
+        )
         logs.event(
             "handshake.rejected",
             logging.INFO if rejection.status < 500 else logging.WARNING,
@@ -146,27 +192,31 @@ class Gateway:
         try:
             admission = await pipeline.admit(request, self.draining)
         except Rejection as rejection:
-            self._reject(connection, rejection, request)
+            self._reject(connection, rejection, request, started)
             return
         except Exception:  # noqa: BLE001 - logged with its traceback, answered with 500
             # A bug must cost one handshake, never the process: log it and answer 500.
             logs.LOGGER.exception("handshake.error", extra={"fields": {"request_id": request.request_id}})
-            self._reject(connection, Rejection(500, "internal_error", "internal error"), request)
+            self._reject(connection, Rejection(500, "internal_error", "internal error"), request, started)
             return
+        connect_started = time.monotonic()
         try:
             upstream = await connect_upstream(request, admission)
         except UpstreamError as error:
             await pipeline.release(admission.slots)
-            self._reject(connection, Rejection(502, "upstream_unavailable", str(error)), request)
+            self._reject(connection, Rejection(502, "upstream_unavailable", str(error)), request, started)
             return
         except BaseException:
             await pipeline.release(admission.slots)
             raise
+        self.metrics.upstream_connected(admission.route.path, time.monotonic() - connect_started)
         if connection.lost or self.draining:
             upstream.transport.abort()
             await pipeline.release(admission.slots)
             if not connection.lost:
-                self._reject(connection, Rejection(503, "draining", "the gateway is shutting down"), request)
+                self._reject(
+                    connection, Rejection(503, "draining", "the gateway is shutting down"), request, started
+                )
             return
         headers: list[tuple[str, str]] = [
             ("Upgrade", "websocket"),
@@ -189,8 +239,12 @@ class Gateway:
             self._session_finished,
             admission.identity,
             admission.slots,
+            request.path,
+            request.header("origin"),
         )
         self.sessions.add(session)
+        handshake_seconds = time.monotonic() - started
+        self.metrics.session_opened(route.path, handshake_seconds)
         logs.event(
             "session.open",
             request_id=request.request_id,
@@ -200,7 +254,7 @@ class Gateway:
             subprotocol=upstream.subprotocol,
             subject=admission.identity.subject if admission.identity else None,
             token=admission.identity.fingerprint if admission.identity else None,
-            handshake_ms=round((time.monotonic() - started) * 1000, 1),
+            handshake_ms=round(handshake_seconds * 1000, 1),
         )
         start_relay(
             session,
@@ -210,13 +264,20 @@ class Gateway:
             upstream.pending,
             upstream.handshake.lost,
         )
+        if pipeline is not self.pipeline and refusal_for(session, self.policy) is not None:
+            # The policy was reloaded while this handshake was in flight, and the new one refuses it.
+            session.close(1008, "policy changed", 1008, "policy changed")
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """Keep a reference to a background task until it is done."""
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _session_finished(self, session: Session) -> None:
         self.sessions.remove(session)
+        self.metrics.session_closed(session)
         if session.slots:
-            task = asyncio.get_running_loop().create_task(self.pipeline.release(session.slots))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self.track(asyncio.get_running_loop().create_task(self.pipeline.release(session.slots)))
         identity = session.identity
         client_checker = session.client.checker
         logs.event(
@@ -238,11 +299,27 @@ class Gateway:
         )
 
 
-async def serve(policy: Policy) -> int:
-    """Run a gateway until SIGTERM/SIGINT; a second signal cuts every connection at once."""
+async def serve(policy: Policy, watch_interval: float = 1.0) -> int:
+    """Run a gateway until SIGTERM/SIGINT; a second signal cuts every connection at once.
+
+    When the policy came from a file, the file is watched and SIGHUP reloads it at once.
+    """
     gateway = Gateway(policy)
     await gateway.start()
     loop = asyncio.get_running_loop()
+    reloader: Reloader | None = None
+    if policy.source is not None:
+        reloader = Reloader(
+            policy.source, lambda: gateway.policy, gateway.apply_policy, gateway.metrics, watch_interval
+        )
+        reloader.start()
+        hup = reloader
+
+        def on_hangup() -> None:
+            task = loop.create_task(hup.reload("SIGHUP"))
+            gateway.track(task)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
     forced = asyncio.Event()
     stop_task: asyncio.Task[None] | None = None
 
@@ -267,4 +344,6 @@ async def serve(policy: Policy) -> int:
         stop_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await stop_task
+    if reloader is not None:
+        await reloader.stop()
     return 1 if forced.is_set() else 0

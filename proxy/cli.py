@@ -25,11 +25,15 @@ def _add_log_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-format",
         choices=("auto", "json", "text"),
-        default="auto",
-        help="json lines, readable text, or auto: text on a terminal, json otherwise (default)",
+        default=None,
+        help="json lines, readable text, or auto: text on a terminal, json otherwise "
+        "(default: the policy's log.format, else auto)",
     )
     parser.add_argument(
-        "--log-level", choices=("debug", "info", "warning", "error"), default="info", help="default: info"
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default=None,
+        help="default: the policy's log.level, else info",
     )
 
 
@@ -61,6 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="default: 127.0.0.1:8080"
     )
     _add_log_options(demo)
+
+    explain = commands.add_parser(
+        "explain",
+        help="show how a policy judges one handshake",
+        description="Show which route a request matches, each guard's verdict in order, and the answer the "
+        "client would get, without starting a server. Exit 0 if the handshake would be admitted, 2 if it "
+        "would be refused, 1 if the policy or the arguments are invalid.",
+    )
+    explain.add_argument("-c", "--config", required=True, metavar="FILE", help="policy file (YAML)")
+    explain.add_argument("--ip", required=True, metavar="IP", help="the client IP (as resolved)")
+    explain.add_argument("--origin", metavar="ORIGIN", help="the Origin header, if any")
+    credentials = explain.add_mutually_exclusive_group()
+    credentials.add_argument("--token", metavar="JWT", help="a token, verified as the gateway would")
+    credentials.add_argument(
+        "--claims", metavar="JSON", help="claims to judge as if a valid signature carried them"
+    )
+    explain.add_argument("path", metavar="PATH", help="request path (and query), e.g. /chat/room?x=1")
     return parser
 
 
@@ -75,16 +96,57 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         print(f"ok: {args.config}: {len(policy.routes)} route(s), sha256 {policy.sha256[:12]}")
         return 0
-    logs.configure(args.log_format, args.log_level)
+    if args.command == "explain":
+        return _explain(args)
     if args.command == "serve":
         try:
             policy = load_policy(args.config)
         except PolicyError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
+        logs.configure(
+            args.log_format or policy.log.format, args.log_level or policy.log.level, policy.log.error_file
+        )
         from proxy.app import serve
 
         return _run(serve(policy))
+    logs.configure(args.log_format or "auto", args.log_level or "info")
     from proxy.demo import run_demo
 
     return _run(run_demo(args.listen))
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import ipaddress
+    import json
+
+    from proxy.explain import explain
+
+    try:
+        policy = load_policy(args.config)
+    except PolicyError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    try:
+        client_ip = str(ipaddress.ip_address(args.ip))
+    except ValueError:
+        print(f"error: --ip: not an IP address: {args.ip!r}", file=sys.stderr)
+        return 1
+    claims = None
+    if args.claims is not None:
+        try:
+            claims = json.loads(args.claims)
+        except ValueError as error:
+            print(f"error: --claims: not JSON: {error}", file=sys.stderr)
+            return 1
+        if not isinstance(claims, dict):
+            print("error: --claims: expected a JSON object", file=sys.stderr)
+            return 1
+    logs.configure("text", "warning")
+
+    async def judge() -> int:
+        result = await explain(policy, args.path, client_ip, args.origin, args.token, claims)
+        sys.stdout.write(result.render())
+        return 0 if result.admitted else 2
+
+    return _run(judge())

@@ -101,13 +101,19 @@ GUARDS: tuple[Guard, ...] = (
 class Pipeline:
     """The guards with the state they keep across handshakes: the limiter and the token verifiers."""
 
-    def __init__(self, policy: Policy, limiter: Limiter, previous: Pipeline | None = None) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        limiter: Limiter,
+        previous: Pipeline | None = None,
+        on_jwks_refresh: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.policy = policy
         self.limiter = limiter
+        self._on_jwks_refresh = on_jwks_refresh
         self.verifiers = {provider.name: self._verifier(provider, previous) for provider in policy.auth}
 
-    @staticmethod
-    def _verifier(provider: AuthProvider, previous: Pipeline | None) -> TokenVerifier:
+    def _verifier(self, provider: AuthProvider, previous: Pipeline | None) -> TokenVerifier:
         old = previous.verifiers.get(provider.name) if previous is not None else None
         if old is not None and old.provider == provider:
             return old  # same provider: keep its JWKS and verified-token caches
@@ -119,6 +125,7 @@ class Pipeline:
                 provider.jwks_cache_ttl,
                 provider.jwks_min_refresh,
                 provider.jwks_timeout,
+                self._on_jwks_refresh,
             )
         return TokenVerifier(provider, jwks)
 

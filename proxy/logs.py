@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 LOGGER = logging.getLogger("wsgate")
@@ -56,12 +57,21 @@ def _text_value(value: object) -> str:
     return json.dumps(text) if (not text or " " in text or '"' in text) else text
 
 
-def configure(log_format: LogFormat = "auto", level: str = "info") -> None:
-    """Send wsgate's events to stdout: JSON lines unless ``auto`` finds a terminal."""
+def configure(log_format: LogFormat = "auto", level: str = "info", error_file: Path | None = None) -> None:
+    """Send wsgate's events to stdout: JSON lines unless ``auto`` finds a terminal. With ``error_file``,
+    warnings and errors are also appended there as JSON lines (whatever the stdout format)."""
     use_text = log_format == "text" or (log_format == "auto" and sys.stdout.isatty())
-    handler = logging.StreamHandler(sys.stdout)
+    handler: logging.Handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(TextFormatter() if use_text else JsonFormatter())
-    LOGGER.handlers[:] = [handler]
+    handlers = [handler]
+    if error_file is not None:
+        errors = logging.FileHandler(error_file, encoding="utf-8")
+        errors.setLevel(logging.WARNING)
+        errors.setFormatter(JsonFormatter())
+        handlers.append(errors)
+    for old in LOGGER.handlers:
+        old.close()
+    LOGGER.handlers[:] = handlers
     LOGGER.setLevel(level.upper())
     LOGGER.propagate = False
 

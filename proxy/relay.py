@@ -57,6 +57,7 @@ class Leg(asyncio.Protocol):
         "lost",
         "messages",
         "name",
+        "oversized",
         "peer",
         "session",
         "transport",
@@ -89,6 +90,8 @@ class Leg(asyncio.Protocol):
         #: Data messages and payload bytes received from this side.
         self.messages = 0
         self.bytes = 0
+        #: Whether this side was closed for a message over the size limit (a "size" violation).
+        self.oversized = False
         self.close_received = False
         self.close_sent = False
         self.lost = False
@@ -415,6 +418,7 @@ class Leg(asyncio.Protocol):
         self.close_received = True  # read nothing more from an offender
         self._shutdown()
         if code == CloseCode.MESSAGE_TOO_BIG:
+            self.oversized = True
             self.peer.send_close(CloseCode.GOING_AWAY, f"{self.name} sent a message over the size limit")
         elif self.name == "upstream":
             self.peer.send_close(CloseCode.BAD_GATEWAY, "upstream protocol error")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from proxy.guards.context import Identity
@@ -34,7 +34,9 @@ class Session:
         "initiator",
         "last_activity",
         "loop",
+        "origin",
         "request_id",
+        "request_path",
         "route",
         "slots",
         "started",
@@ -52,10 +54,15 @@ class Session:
         on_finish: Callable[[Session], None],
         identity: Identity | None = None,
         slots: tuple[str, ...] = (),
+        request_path: str = "/",
+        origin: str | None = None,
     ) -> None:
         self.loop = loop
         self.request_id = request_id
         self.route = route
+        #: The path and Origin the handshake was judged on: what a reloaded policy judges again.
+        self.request_path = request_path
+        self.origin = origin
         self.client_ip = client_ip
         self.subprotocol = subprotocol
         #: Who the token said the client is (None on an open route), and the limiter slots held.
@@ -146,7 +153,7 @@ class SessionRegistry:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Session]:
         return iter(list(self._sessions))
 
     def add(self, session: Session) -> None:

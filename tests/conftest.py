@@ -216,7 +216,8 @@ def policy_text(body: str) -> str:
     """``body`` (dedented YAML) with ``version`` and, unless it has one, a listener on an ephemeral port."""
     body = textwrap.dedent(body)
     listen = "" if re.search(r"^listen:", body, re.M) else 'listen: {address: "127.0.0.1:0"}\n'
-    return "version: 1\n" + listen + body
+    admin = "" if re.search(r"^admin:", body, re.M) else 'admin: {address: "127.0.0.1:0"}\n'
+    return "version: 1\n" + listen + admin + body
 
 
 GatewayFactory = Callable[[str], Awaitable[RunningGateway]]

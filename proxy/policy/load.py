@@ -37,6 +37,7 @@ from proxy.policy.model import (
     IPNetwork,
     Limits,
     Listen,
+    LogSettings,
     MessageRate,
     MessageRules,
     OriginPattern,
@@ -263,6 +264,24 @@ def _tls(source: _Source, node: yaml.Node, path: str) -> TlsListen:
 
 def _admin(source: _Source, node: yaml.Node, path: str) -> Address:
     return _Map(source, node, path, ("address",)).require("address", _address)
+
+
+def _log(source: _Source, node: yaml.Node, path: str) -> LogSettings:
+    section = _Map(source, node, path, ("level", "format", "error_file"))
+    error_file = None
+    if "error_file" in section:
+        error_file = Path(section.get("error_file", _str, ""))
+        if not error_file.is_absolute():
+            error_file = source.base / error_file
+        if not error_file.parent.is_dir():
+            source.fail(
+                section.node_of("error_file"),
+                section.child("error_file"),
+                f"directory does not exist: {error_file.parent}",
+            )
+    level: str = section.get("level", _choice("debug", "info", "warning", "error"), "info")
+    log_format: str = section.get("format", _choice("auto", "json", "text"), "auto")
+    return LogSettings(level, log_format, error_file)  # type: ignore[arg-type]  # _choice checked them
 
 
 def _limits(source: _Source, node: yaml.Node, path: str, base: Limits, keys: frozenset[str] | None) -> Limits:
@@ -660,6 +679,7 @@ _TOP_KEYS = (
     "limits",
     "routes",
     "revoked",
+    "log",
 )
 
 
@@ -735,6 +755,7 @@ def parse_policy(text: str | bytes, source: Path | None = None) -> Policy:
         firewall=top.get("firewall", _firewall, Firewall()),
         auth=tuple(providers.values()),
         revoked=top.get("revoked", _revoked, Revocation()),
+        log=top.get("log", _log, LogSettings()),
         source=source,
         sha256=hashlib.sha256(raw).hexdigest(),
     )

@@ -187,6 +187,17 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class LogSettings:
+    """Where and how much wsgate logs; the command line's ``--log-format``/``--log-level`` win."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    #: ``auto``: readable text when stdout is a terminal, JSON lines otherwise.
+    format: Literal["auto", "json", "text"] = "auto"
+    #: Warnings and errors are also appended here (JSON lines), when set.
+    error_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """A whole policy file, valid and ready to serve."""
 
@@ -200,6 +211,7 @@ class Policy:
     firewall: Firewall = field(default_factory=lambda: Firewall())
     auth: tuple[AuthProvider, ...] = ()
     revoked: Revocation = field(default_factory=lambda: Revocation())
+    log: LogSettings = field(default_factory=lambda: LogSettings())
     #: The file it came from (None when parsed from a string), and the sha256 of its bytes.
     source: Path | None = None
     sha256: str = ""

@@ -269,6 +269,7 @@ def start_wsgate(upstream_port: int, workdir: Path) -> tuple[subprocess.Popen[by
             f"""\
             version: 1
             listen: {{address: "127.0.0.1:{port}"}}
+            admin: {{address: "127.0.0.1:0"}}
             limits: {{max_message_size: 1MiB, idle_timeout: 0}}
             routes:
               - path: /echo

@@ -104,7 +104,7 @@ async def test_demo_runs_an_echo_service_behind_the_gateway(wsgate_process):
 def _policy(tmp_path: Path, upstream_url: str, limits: str = "") -> Path:
     path = tmp_path / "policy.yaml"
     path.write_text(
-        'version: 1\nlisten: {address: "127.0.0.1:0"}\n'
+        'version: 1\nlisten: {address: "127.0.0.1:0"}\nadmin: {address: "127.0.0.1:0"}\n'
         f"limits: {{{limits}}}\n"
         f"routes:\n  - path: /\n    match: prefix\n    upstream: {upstream_url}\n    auth: none\n"
     )
@@ -211,7 +211,7 @@ def test_logs_are_readable_text_on_a_terminal(tmp_path):
     """With stdout a terminal (and no --log-format), log lines are text, not JSON."""
     policy = tmp_path / "p.yaml"
     policy.write_text(
-        'version: 1\nlisten: {address: "127.0.0.1:0"}\n'
+        'version: 1\nlisten: {address: "127.0.0.1:0"}\nadmin: {address: "127.0.0.1:0"}\n'
         "routes:\n  - path: /echo\n    upstream: ws://127.0.0.1:9/\n    auth: none\n"
     )
     leader, follower = pty.openpty()

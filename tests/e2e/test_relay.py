@@ -120,7 +120,7 @@ async def test_slow_client_slows_upstream_instead_of_growing_memory(upstream, ws
     (its sends block) and its own memory must stay far below what it was offered."""
     policy = tmp_path / "p.yaml"
     policy.write_text(
-        'version: 1\nlisten: {address: "127.0.0.1:0"}\n'
+        'version: 1\nlisten: {address: "127.0.0.1:0"}\nadmin: {address: "127.0.0.1:0"}\n'
         f"routes:\n  - path: /flood\n    upstream: {upstream.url('/flood')}\n    auth: none\n"
         "limits: {max_message_size: 2MiB}\n"
     )

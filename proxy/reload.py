@@ -1,0 +1,194 @@
+"""Live policy reload: watch the file (and SIGHUP), load, swap atomically, enforce on live sessions.
+
+A reload either applies a whole valid policy or changes nothing: an invalid file is refused with the same
+``file:line: key: message`` as ``wsgate check`` and the running policy stays; a change of a listener address
+(or its TLS files) needs a restart and is refused as a whole rather than half-applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from proxy import logs
+from proxy.errors import PolicyError
+from proxy.guards.origin import origin_allowed
+from proxy.guards.token import claims_allowed
+from proxy.metrics import Metrics
+from proxy.policy.load import load_policy
+from proxy.policy.model import Policy
+from proxy.sessions import Session
+
+#: The close code and reason for a live session the new policy refuses.
+POLICY_CHANGED = (1008, "policy changed")
+
+
+def refusal_for(session: Session, policy: Policy) -> str | None:
+    """Why ``policy`` would refuse this live session now (None: it may go on).
+
+    The checks are the handshake guards that depend only on the policy and on what the session already
+    proved at its handshake: route, firewall, origin, auth provider, required claims, revocation.
+    Rates and connection caps are not re-judged: they count future handshakes, not past ones.
+    """
+    route = policy.match_route(session.request_path)
+    if route is None:
+        return "route removed"
+    client_ip = session.client_ip
+    if not policy.firewall.allows_text(client_ip) or (
+        route.firewall is not None and not route.firewall.allows_text(client_ip)
+    ):
+        return "firewall"
+    origin = session.origin
+    if origin is None:
+        if not route.allow_missing_origin:
+            return "origin"
+    elif route.origins and not origin_allowed(origin, route.origins):
+        return "origin"
+    identity = session.identity
+    if route.auth is not None:
+        if identity is None or identity.provider != route.auth:
+            return "auth"
+        if claims_allowed(identity.claims, policy.provider(route.auth).required_claims) is not None:
+            return "claims"
+    if identity is not None:
+        revoked = policy.revoked
+        if (identity.subject is not None and identity.subject in revoked.subjects) or (
+            identity.token_id is not None and identity.token_id in revoked.token_ids
+        ):
+            return "revoked"
+    return None
+
+
+def enforce(sessions: Iterable[Session], policy: Policy) -> int:
+    """Close every live session ``policy`` would refuse (1008 "policy changed", both sides).
+
+    Returns:
+        How many sessions were closed.
+    """
+    closed = 0
+    for session in sessions:
+        if session.finished:
+            continue
+        why = refusal_for(session, policy)
+        if why is None:
+            continue
+        logs.event(
+            "session.policy_refused",
+            request_id=session.request_id,
+            client_ip=session.client_ip,
+            route=session.route.path,
+            why=why,
+        )
+        code, reason = POLICY_CHANGED
+        session.close(code, reason, code, reason)
+        closed += 1
+    return closed
+
+
+def restart_needed(old: Policy, new: Policy) -> str | None:
+    """What in ``new`` cannot be applied to a running process, if anything."""
+    if new.listen != old.listen:
+        return "listen changed (address, TLS or PROXY protocol): restart wsgate to apply it"
+    if new.admin != old.admin:
+        return "admin.address changed: restart wsgate to apply it"
+    return None
+
+
+class Reloader:
+    """Reloads one policy file when it changes on disk (polled) or when asked (SIGHUP).
+
+    ``apply`` swaps the new policy in and enforces it; it is called only with a valid policy whose
+    listeners match the running ones.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        current: Callable[[], Policy],
+        apply: Callable[[Policy], int],
+        metrics: Metrics,
+        interval: float = 1.0,
+    ) -> None:
+        self.path = path
+        self._current = current
+        self._apply = apply
+        self._metrics = metrics
+        self.interval = interval
+        self._signature = self._stat()
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            signature = self._stat()
+            if signature != self._signature:
+                self._signature = signature
+                await self.reload("file changed")
+
+    async def reload(self, trigger: str) -> bool:
+        """Load the file and apply it if valid and different; return whether a new policy is active."""
+        async with self._lock:
+            return self._reload(trigger)
+
+    def _reload(self, trigger: str) -> bool:
+        current = self._current()
+        try:
+            content = self.path.read_bytes()
+        except OSError as error:
+            return self._refuse(trigger, f"{self.path}: cannot read: {error.strerror or error}")
+        if hashlib.sha256(content).hexdigest() == current.sha256:
+            logs.event("policy.unchanged", trigger=trigger, policy_sha256=current.sha256[:12])
+            return False
+        try:
+            new = load_policy(self.path)
+        except PolicyError as error:
+            return self._refuse(trigger, str(error))
+        problem = restart_needed(current, new)
+        if problem is not None:
+            return self._refuse(trigger, f"{self.path}: {problem}", restart_required=True)
+        closed = self._apply(new)
+        self._metrics.reload_result("success")
+        logs.event(
+            "policy.reloaded",
+            trigger=trigger,
+            policy_sha256=new.sha256[:12],
+            previous_sha256=current.sha256[:12],
+            routes=[route.path for route in new.routes],
+            sessions_closed=closed,
+        )
+        return True
+
+    def _refuse(self, trigger: str, error: str, restart_required: bool = False) -> bool:
+        self._metrics.reload_result("error")
+        logs.event(
+            "policy.reload_failed",
+            logging.ERROR,
+            trigger=trigger,
+            error=error,
+            restart_required=restart_required,
+            running_sha256=self._current().sha256[:12],
+        )
+        return False
