@@ -14,6 +14,7 @@ import ssl
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import cast
+from urllib.parse import unquote_plus
 
 import h11
 
@@ -85,7 +86,8 @@ def upstream_query(request: HandshakeRequest, provider: AuthProvider | None) -> 
     if provider is None or "query" not in provider.token_sources or not request.query:
         return request.query
     name = provider.query_parameter
-    return "&".join(part for part in request.query.split("&") if part.partition("=")[0] != name)
+    # Compared decoded, as find_token() reads it: ?access%5Ftoken=... is the same parameter.
+    return "&".join(part for part in request.query.split("&") if unquote_plus(part.partition("=")[0]) != name)
 
 
 def offered_subprotocols(request: HandshakeRequest, provider: AuthProvider | None) -> list[str]:

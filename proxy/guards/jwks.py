@@ -52,6 +52,10 @@ class JwksKeys:
 
     async def candidates(self, kid: str | None, algorithm: str) -> list[jwt.PyJWK]:
         """Keys that may verify a token with this ``kid`` and ``alg`` header, refetching as promised."""
+        if self._inflight is not None:
+            # A fetch is under way (first fetch, TTL or unknown kid): wait for its keys rather than
+            # judging the token by the set it is replacing.
+            await asyncio.shield(self._inflight)
         now = time.monotonic()
         if now - self._fetched_at > self.ttl and now - self._attempted_at >= min(self.min_refresh, self.ttl):
             await self.refresh()
@@ -103,7 +107,7 @@ class JwksKeys:
             self._verifiers = {}
             self._fetched_at = time.monotonic()
             logs.event("jwks.refreshed", provider=self.provider, keys=len(keys))
-            self._report("ok")
+            self._report("success")
         finally:
             self._inflight.set_result(None)
             self._inflight = None

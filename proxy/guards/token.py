@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -70,17 +69,31 @@ def find_token(request: HandshakeRequest, provider: AuthProvider) -> tuple[str, 
     return None
 
 
+def cookie_pairs(value: str) -> list[tuple[str, str]]:
+    """``name=value`` pairs of a Cookie header, split on ``;`` only (RFC 6265 section 5.4).
+
+    The upstream request drops the token cookie by the same split, so a cookie is accepted as a token
+    exactly when it would be removed before forwarding; lenient parsers that also split on spaces or
+    commas would find tokens the stripping does not see.
+    """
+    pairs = []
+    for part in value.split(";"):
+        name, separator, cookie_value = part.partition("=")
+        if separator:
+            cookie_value = cookie_value.strip()
+            if len(cookie_value) >= 2 and cookie_value[0] == cookie_value[-1] == '"':
+                cookie_value = cookie_value[1:-1]
+            pairs.append((name.strip(), cookie_value))
+    return pairs
+
+
 def _cookie(request: HandshakeRequest, name: str) -> str | None:
     for header, value in request.headers:
         if header != "cookie":
             continue
-        jar: SimpleCookie = SimpleCookie()
-        try:
-            jar.load(value)
-        except CookieError:
-            continue
-        if name in jar:
-            return jar[name].value
+        for cookie_name, cookie_value in cookie_pairs(value):
+            if cookie_name == name and cookie_value:
+                return cookie_value
     return None
 
 
