@@ -16,10 +16,12 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 async def scrape(gw, accept: str | None = None) -> Samples:
     headers = {"Accept": accept} if accept else {}
-    async with aiohttp.ClientSession() as session:
-        async with session.get(admin_url(gw, "/metrics"), headers=headers) as response:
-            assert response.status == 200
-            text = await response.text()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(admin_url(gw, "/metrics"), headers=headers) as response,
+    ):
+        assert response.status == 200
+        text = await response.text()
     samples: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
