@@ -16,6 +16,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import WSMsgType
 from conftest import REPO, free_port
 from wsraw import TEXT, RawClient
@@ -49,6 +50,15 @@ def test_check_accepts_every_example_policy(path):
     result = run(WSGATE, "check", "-c", str(path.relative_to(REPO)))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"ok: {path.relative_to(REPO)}")
+
+
+def test_check_accepts_the_kubernetes_configmap_policy(tmp_path):
+    documents = list(yaml.safe_load_all((REPO / "deploy" / "kubernetes.yaml").read_text()))
+    configmap = next(document for document in documents if document["kind"] == "ConfigMap")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(configmap["data"]["policy.yaml"])
+    result = run(WSGATE, "check", "-c", str(policy))
+    assert result.returncode == 0, result.stderr
 
 
 def _expectations(path: Path) -> tuple[str, int | None]:
