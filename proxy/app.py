@@ -178,6 +178,7 @@ class Gateway:
             logging.INFO if rejection.status < 500 else logging.WARNING,
             request_id=connection.request_id,
             client_ip=request.client_ip if request else connection.peer_ip,
+            route=route.path if route is not None else None,
             path=request.path if request else None,
             token=request.token_fingerprint if request else None,
             status=rejection.status,

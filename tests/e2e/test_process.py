@@ -241,3 +241,37 @@ def test_logs_are_readable_text_on_a_terminal(tmp_path):
     line = next(line for line in output.decode().splitlines() if "gateway.listening" in line)
     assert not line.lstrip().startswith("{")
     assert re.search(r"INFO\s+gateway\.listening address=127\.0\.0\.1:\d+", line), line
+
+
+async def test_log_level_and_error_file_from_the_policy(upstream, wsgate_process, tmp_path):
+    errors = tmp_path / "errors.jsonl"
+    policy = tmp_path / "policy.yaml"
+    port = free_port()  # gateway.listening is an info event, below this policy's level: know the port
+    policy.write_text(
+        f'version: 1\nlisten: {{address: "127.0.0.1:{port}"}}\nadmin: {{address: "127.0.0.1:0"}}\n'
+        f"log: {{level: warning, format: json, error_file: {errors.name}}}\n"
+        f"routes:\n  - path: /echo\n    upstream: {upstream.url()}\n    auth: none\n"
+        f"  - path: /down\n    upstream: ws://127.0.0.1:{free_port()}/\n    auth: none\n"
+    )
+    process = wsgate_process("serve", "-c", str(policy))
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                ws = await session.ws_connect(f"ws://127.0.0.1:{port}/echo")
+                break
+            except aiohttp.ClientConnectionError:
+                assert time.monotonic() < deadline, process.stderr
+                await asyncio.sleep(0.1)
+        await ws.send_str("x")
+        await ws.receive(timeout=5)
+        await ws.close()
+        with pytest.raises(aiohttp.WSServerHandshakeError):
+            await session.ws_connect(f"ws://127.0.0.1:{port}/down")
+    await process.wait_for("handshake.rejected", status=502)
+    process.signal(signal.SIGTERM)
+    assert await process.wait_exit() == 0
+    assert process.events("session.open") == []  # info events are below the policy's level
+    lines = [json.loads(line) for line in errors.read_text().splitlines()]
+    assert [line["event"] for line in lines] == ["handshake.rejected"]
+    assert (lines[0]["status"], lines[0]["route"], lines[0]["level"]) == (502, "/down", "warning")
