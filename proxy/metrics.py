@@ -233,23 +233,16 @@ class WsgateCollector(Collector):
                     histogram.add_metric([path], observed.buckets(), observed.total)
             yield histogram
 
-        counter = CounterMetricFamily(
-            "wsgate_messages", "Messages relayed, by direction.", labels=["route", "direction"]
-        )
-        for path, by_direction in sorted(messages.items()):
-            for direction, count in sorted(by_direction.items()):
-                if path != NO_ROUTE:
-                    counter.add_metric([path, direction], count)
-        yield counter
-
-        counter = CounterMetricFamily(
-            "wsgate_bytes", "Payload bytes relayed, by direction.", labels=["route", "direction"]
-        )
-        for path, by_direction in sorted(sent.items()):
-            for direction, count in sorted(by_direction.items()):
-                if path != NO_ROUTE:
-                    counter.add_metric([path, direction], count)
-        yield counter
+        for name, documentation, by_route in (
+            ("wsgate_messages", "Messages relayed, by direction.", messages),
+            ("wsgate_bytes", "Payload bytes relayed, by direction.", sent),
+        ):
+            counter = CounterMetricFamily(name, documentation, labels=["route", "direction"])
+            for path, by_direction in sorted(by_route.items()):
+                for direction, count in sorted(by_direction.items()):
+                    if path != NO_ROUTE:
+                        counter.add_metric([path, direction], count)
+            yield counter
 
         counter = CounterMetricFamily(
             "wsgate_closes",

@@ -141,20 +141,23 @@ async def test_plain_http_to_a_tls_listener_is_refused(gateway, upstream, pki):
             assert (await ws.receive(timeout=5)).data == "ok"
 
 
+async def _tls_upstream(cert: Path, key: Path) -> Upstream:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return await Upstream().start(ssl_context=context)
+
+
 @pytest.fixture
 async def tls_upstream(pki):
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(pki["cert"], pki["key"])
-    server = await Upstream().start(ssl_context=context)
+    server = await _tls_upstream(pki["cert"], pki["key"])
     yield server
     await server.stop()
 
 
 @pytest.fixture
 async def rogue_upstream(pki):
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(pki["rogue_cert"], pki["rogue_key"])
-    server = await Upstream().start(ssl_context=context)
+    """A wss:// upstream whose certificate chains to a CA the gateway was not told to trust."""
+    server = await _tls_upstream(pki["rogue_cert"], pki["rogue_key"])
     yield server
     await server.stop()
 
