@@ -47,7 +47,11 @@ class AdminServer:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, address.host, address.port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except BaseException:
+            await self.stop()
+            raise
         host, port = self._runner.addresses[0][:2]
         self.address = Address(host, port)
         return self.address

@@ -123,10 +123,12 @@ class Gateway:
         live = len(self.sessions)
         logs.event("gateway.draining", sessions=live, drain_timeout_s=self.policy.limits.drain_timeout)
         self.sessions.close_all(CloseCode.GOING_AWAY, "server shutting down")
-        drained = await self.sessions.wait_empty(self.policy.limits.drain_timeout)
-        if not drained:
-            self.abort_all()
-        await self.admin.stop()
+        try:
+            drained = await self.sessions.wait_empty(self.policy.limits.drain_timeout)
+            if not drained:
+                self.abort_all()
+        finally:
+            await self.admin.stop()
         logs.event("gateway.stopped", drained=drained, cut=0 if drained else live)
         self._stopped.set()
 
@@ -207,9 +209,14 @@ class Gateway:
             await pipeline.release(admission.slots)
             self._reject(connection, Rejection(502, "upstream_unavailable", str(error)), request, started)
             return
-        except BaseException:
+        except asyncio.CancelledError:
             await pipeline.release(admission.slots)
             raise
+        except Exception:  # noqa: BLE001 - logged with its traceback, answered with 500
+            await pipeline.release(admission.slots)
+            logs.LOGGER.exception("handshake.error", extra={"fields": {"request_id": request.request_id}})
+            self._reject(connection, Rejection(500, "internal_error", "internal error"), request, started)
+            return
         self.metrics.upstream_connected(admission.route.path, time.monotonic() - connect_started)
         if connection.lost or self.draining:
             upstream.transport.abort()
@@ -300,19 +307,32 @@ class Gateway:
         )
 
 
-async def serve(policy: Policy, watch_interval: float = 1.0) -> int:
+async def serve(
+    policy: Policy,
+    watch_interval: float = 1.0,
+    log_format: logs.LogFormat | None = None,
+    log_level: str | None = None,
+) -> int:
     """Run a gateway until SIGTERM/SIGINT; a second signal cuts every connection at once.
 
-    When the policy came from a file, the file is watched and SIGHUP reloads it at once.
+    When the policy came from a file, the file is watched and SIGHUP reloads it at once. ``log_format``
+    and ``log_level`` (from the command line) win over the policy's ``log`` section, also after reloads.
     """
     gateway = Gateway(policy)
     await gateway.start()
     loop = asyncio.get_running_loop()
     reloader: Reloader | None = None
     if policy.source is not None:
-        reloader = Reloader(
-            policy.source, lambda: gateway.policy, gateway.apply_policy, gateway.metrics, watch_interval
-        )
+
+        def apply(new: Policy) -> int:
+            if new.log != gateway.policy.log:
+                settings = new.log
+                logs.configure(
+                    log_format or settings.format, log_level or settings.level, settings.error_file
+                )
+            return gateway.apply_policy(new)
+
+        reloader = Reloader(policy.source, lambda: gateway.policy, apply, gateway.metrics, watch_interval)
         reloader.start()
         hup = reloader
 

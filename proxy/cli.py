@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         from proxy.app import serve
 
-        return _run(serve(policy))
+        return _run(serve(policy, log_format=args.log_format, log_level=args.log_level))
     logs.configure(args.log_format or "auto", args.log_level or "info")
     from proxy.demo import run_demo
 

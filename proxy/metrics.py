@@ -96,6 +96,17 @@ def _add(counts: dict[str, int], other: dict[str, int]) -> None:
         counts[key] = counts.get(key, 0) + value
 
 
+def close_code_label(code: int | None, initiator: str | None) -> str:
+    """The ``code`` label of a close. Clients choose any code in 3000-4999, so theirs are grouped
+    (``3xxx``, ``4xxx``) to keep one client from creating thousands of series; upstream and gateway codes
+    come from software the operator runs and are kept exact."""
+    if code is None:
+        return "none"
+    if initiator == "client" and 3000 <= code <= 4999:
+        return f"{code // 1000}xxx"
+    return str(code)
+
+
 def session_violations(session: Session) -> dict[str, int]:
     """Rule violations seen so far on a session, by rule, both directions together."""
     found: dict[str, int] = {}
@@ -157,7 +168,7 @@ class Metrics:
         counters.bytes[FROM_CLIENT] += session.client.bytes
         counters.bytes[FROM_UPSTREAM] += session.upstream.bytes
         _add(counters.violations, session_violations(session))
-        key = (str(session.close_code) if session.close_code is not None else "none", session.initiator or "")
+        key = (close_code_label(session.close_code, session.initiator), session.initiator or "")
         counters.closes[key] = counters.closes.get(key, 0) + 1
         counters.session_seconds.observe(session.duration)
 

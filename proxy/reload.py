@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -44,11 +44,12 @@ def refusal_for(session: Session, policy: Policy) -> str | None:
     ):
         return "firewall"
     origin = session.origin
-    if origin is None:
-        if not route.allow_missing_origin:
+    if route.origins:  # as the handshake's origin guard: no list, no check
+        if origin is None:
+            if not route.allow_missing_origin:
+                return "origin"
+        elif not origin_allowed(origin, route.origins):
             return "origin"
-    elif route.origins and not origin_allowed(origin, route.origins):
-        return "origin"
     identity = session.identity
     if route.auth is not None:
         if identity is None or identity.provider != route.auth:
@@ -90,6 +91,26 @@ def enforce(sessions: Iterable[Session], policy: Policy) -> int:
     return closed
 
 
+def referenced_files(policy: Policy) -> list[Path]:
+    """Files the policy reads besides itself: a change to any of them is a change of the policy."""
+    files: list[Path] = []
+    if policy.listen.tls is not None:
+        files += [Path(policy.listen.tls.cert_file), Path(policy.listen.tls.key_file)]
+    files += [provider.public_key_file for provider in policy.auth if provider.public_key_file is not None]
+    for route in policy.routes:
+        if route.upstream.ca_file is not None:
+            files.append(Path(route.upstream.ca_file))
+        for rules in (route.client_rules, route.upstream_rules):
+            if rules is not None and rules.schema_file is not None:
+                files.append(rules.schema_file)
+    return files
+
+
+def same_policy(old: Policy, new: Policy) -> bool:
+    """Whether ``new`` would change nothing: same content once loaded (referenced files included)."""
+    return dataclasses.replace(new, sha256=old.sha256) == old
+
+
 def restart_needed(old: Policy, new: Policy) -> str | None:
     """What in ``new`` cannot be applied to a running process, if anything."""
     if new.listen != old.listen:
@@ -100,7 +121,8 @@ def restart_needed(old: Policy, new: Policy) -> str | None:
 
 
 class Reloader:
-    """Reloads one policy file when it changes on disk (polled) or when asked (SIGHUP).
+    """Reloads one policy file when it, or a file it references, changes on disk (polled), or when asked
+    (SIGHUP).
 
     ``apply`` swaps the new policy in and enforces it; it is called only with a valid policy whose
     listeners match the running ones.
@@ -133,39 +155,45 @@ class Reloader:
                 await self._task
             self._task = None
 
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            stat = os.stat(self.path)
-        except OSError:
-            return None
-        return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    def _stat(self) -> tuple[tuple[int, int, int] | None, ...]:
+        """Modification time, size and inode of the policy file and of every file it references."""
+        signature: list[tuple[int, int, int] | None] = []
+        for file in (self.path, *referenced_files(self._current())):
+            try:
+                stat = os.stat(file)
+            except OSError:
+                signature.append(None)
+            else:
+                signature.append((stat.st_mtime_ns, stat.st_size, stat.st_ino))
+        return tuple(signature)
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
             signature = self._stat()
             if signature != self._signature:
-                self._signature = signature
                 await self.reload("file changed")
 
     async def reload(self, trigger: str) -> bool:
         """Load the file and apply it if valid and different; return whether a new policy is active."""
         async with self._lock:
-            return self._reload(trigger)
+            try:
+                return self._reload(trigger)
+            except Exception as error:  # noqa: BLE001 - whatever a file does, the running policy stays
+                logs.LOGGER.exception("policy.reload_error", extra={"fields": {"trigger": trigger}})
+                return self._refuse(trigger, f"{self.path}: {type(error).__name__}: {error}")
+            finally:
+                self._signature = self._stat()
 
     def _reload(self, trigger: str) -> bool:
         current = self._current()
         try:
-            content = self.path.read_bytes()
-        except OSError as error:
-            return self._refuse(trigger, f"{self.path}: cannot read: {error.strerror or error}")
-        if hashlib.sha256(content).hexdigest() == current.sha256:
-            logs.event("policy.unchanged", trigger=trigger, policy_sha256=current.sha256[:12])
-            return False
-        try:
             new = load_policy(self.path)
         except PolicyError as error:
             return self._refuse(trigger, str(error))
+        if same_policy(current, new):
+            logs.event("policy.unchanged", trigger=trigger, policy_sha256=current.sha256[:12])
+            return False
         problem = restart_needed(current, new)
         if problem is not None:
             return self._refuse(trigger, f"{self.path}: {problem}", restart_required=True)

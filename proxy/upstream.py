@@ -77,8 +77,11 @@ def _without_token_cookie(value: str, cookie_name: str) -> str:
 
 
 def _header_value(value: object) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
-    return "".join(char for char in text if char >= " " and char != "\x7f")
+    """A claim as a header value: JSON for non-strings, control characters removed, and UTF-8 on the
+    wire (returned as latin-1 text, the form every header value takes until it is written)."""
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    cleaned = "".join(char for char in text if char >= " " and char != "\x7f")
+    return cleaned.encode("utf-8").decode("latin-1")
 
 
 def upstream_query(request: HandshakeRequest, provider: AuthProvider | None) -> str:
@@ -166,9 +169,14 @@ class UpstreamHandshake(asyncio.Protocol):
         self.done: asyncio.Future[tuple[int, list[tuple[str, str]], bytes]] = loop.create_future()
         self.lost = False
         self._parser = h11.Connection(h11.CLIENT)
-        self._request_bytes = (
-            self._parser.send(h11.Request(method="GET", target=target, headers=headers)) or b""
+        # Header text is latin-1 for the bytes it stands for (as the listener decoded them); h11 would
+        # encode str as ASCII and fail on a client's non-ASCII header, so hand it the exact bytes.
+        request = h11.Request(
+            method=b"GET",
+            target=target.encode("latin-1"),
+            headers=[(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers],
         )
+        self._request_bytes = self._parser.send(request) or b""
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -169,22 +169,11 @@ class TokenVerifier:
             keys = await self.jwks.candidates(kid if isinstance(kid, str) else None, algorithm)
             if not keys:
                 raise _unauthorized("auth_invalid", "no key for this token (unknown kid)")
-        required = ["exp"] if provider.require_exp else []
-        if provider.issuer is not None:
-            required.append("iss")
-        if provider.audiences:
-            required.append("aud")
         error: jwt.PyJWTError | None = None
         for key in keys:
             try:
                 claims: dict[str, Any] = jwt.decode(
-                    token,
-                    key,
-                    algorithms=[algorithm],
-                    audience=list(provider.audiences) or None,
-                    issuer=provider.issuer,
-                    leeway=provider.leeway,
-                    options={"require": required, "verify_aud": bool(provider.audiences)},
+                    token, key, algorithms=[algorithm], **validation(provider)
                 )
             except jwt.InvalidSignatureError as bad_signature:
                 error = bad_signature
@@ -193,7 +182,7 @@ class TokenVerifier:
                 error = invalid
                 break
             return claims
-        raise _rejection_for(error)
+        raise rejection_for(error)
 
     def _identity(self, token: str, source: str, claims: dict[str, Any]) -> Identity:
         exp = claims.get("exp")
@@ -210,7 +199,23 @@ class TokenVerifier:
         )
 
 
-def _rejection_for(error: jwt.PyJWTError | None) -> Rejection:
+def validation(provider: AuthProvider) -> dict[str, Any]:
+    """PyJWT's claim checks for a provider: required claims, issuer, audiences, leeway."""
+    required = ["exp"] if provider.require_exp else []
+    if provider.issuer is not None:
+        required.append("iss")
+    if provider.audiences:
+        required.append("aud")
+    return {
+        "audience": list(provider.audiences) or None,
+        "issuer": provider.issuer,
+        "leeway": provider.leeway,
+        "options": {"require": required, "verify_aud": bool(provider.audiences)},
+    }
+
+
+def rejection_for(error: jwt.PyJWTError | None) -> Rejection:
+    """The 401 a verification error earns (``auth_expired`` or ``auth_invalid``), with a short reason."""
     if isinstance(error, jwt.ExpiredSignatureError):
         return _unauthorized("auth_expired", "token expired")
     if isinstance(error, jwt.ImmatureSignatureError):

@@ -702,6 +702,21 @@ def parse_policy(text: str | bytes, source: Path | None = None) -> Policy:
         raise PolicyError(origin.name, line, "", message) from None
     except yaml.YAMLError as error:
         raise PolicyError(origin.name, None, "", f"invalid YAML: {error}") from None
+    except RecursionError:
+        raise PolicyError(origin.name, None, "", "invalid YAML: the document is nested too deeply") from None
+    try:
+        return _parse_root(origin, root, raw, source)
+    except yaml.MarkedYAMLError as error:  # a tag the safe loader cannot build, e.g. !!binary garbage
+        mark = error.problem_mark or error.context_mark
+        line = mark.line + 1 if mark is not None else None
+        raise PolicyError(origin.name, line, "", f"invalid YAML value: {error.problem or error}") from None
+    except (yaml.YAMLError, ValueError, TypeError) as error:
+        raise PolicyError(origin.name, None, "", f"invalid YAML value: {error}") from None
+    except RecursionError:
+        raise PolicyError(origin.name, None, "", "the document is nested too deeply") from None
+
+
+def _parse_root(origin: _Source, root: yaml.Node | None, raw: bytes, source: Path | None) -> Policy:
     if root is None:
         raise PolicyError(origin.name, None, "", "the policy is empty")
     top = _Map(origin, root, "", _TOP_KEYS)

@@ -290,7 +290,7 @@ class MessageRules:
     utf8: bool = True
     json: bool = False
     schema_file: Path | None = None
-    schema: dict[str, object] | None = field(default=None, repr=False, compare=False, hash=False)
+    schema: dict[str, object] | None = field(default=None, repr=False, hash=False)
     #: "close": the offender is closed (1003/1007/1008); "drop": the message is dropped and counted.
     on_violation: Literal["close", "drop"] = "close"
 

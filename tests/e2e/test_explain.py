@@ -171,3 +171,29 @@ def test_bad_arguments_and_bad_policy(policy, tmp_path):
     result = explain(broken, "--ip", "1.2.3.4", "/open")
     assert result.returncode == 1
     assert result.stderr.startswith(f"error: {broken}:")
+
+
+@pytest.mark.parametrize(
+    ("claims", "expected"),
+    [
+        ({"nbf": 9999999999}, "401 auth_invalid: token not yet valid"),
+        ({"exp": "tomorrow"}, "401 auth_invalid"),
+        ({"iss": None}, "401 auth_invalid"),
+        ({"aud": [["nested"]]}, "answer    "),  # no audience configured: accepted or refused, never a crash
+    ],
+)
+def test_claims_are_judged_by_the_same_checks_as_tokens(policy, claims, expected):
+    base = {"sub": "bob", "iss": "https://id.test/", "scope": "chat", "exp": 9999999999}
+    merged = {key: value for key, value in {**base, **claims}.items() if value is not None}
+    result = explain(
+        policy,
+        "--ip",
+        "198.51.100.7",
+        "--origin",
+        "https://app.test",
+        "--claims",
+        json.dumps(merged),
+        "/chat",
+    )
+    assert "Traceback" not in result.stderr
+    assert expected in result.stdout, result.stdout

@@ -164,3 +164,14 @@ async def test_many_sessions_do_not_interfere(gateway, upstream):
 
         await asyncio.gather(*(one(index) for index in range(50)))
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 0
+
+
+async def test_non_ascii_header_bytes_reach_the_upstream_unchanged(gateway, upstream):
+    gw = await gateway(route(upstream.url("/headers")))
+    ws, response = await RawClient.connect(gw.port, "/echo", {"X-Name": "José ✓", "Cookie": "n=Zoë"})
+    assert response.status == 101
+    _, message = await ws.recv_message()
+    forwarded = {name.lower(): value for name, value in json.loads(message)["headers"].items()}
+    assert forwarded["x-name"] == "José ✓"  # the client's UTF-8 bytes, passed through as bytes
+    assert forwarded["cookie"] == "n=Zoë"
+    ws.abort()

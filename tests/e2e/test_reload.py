@@ -15,6 +15,9 @@ import aiohttp
 import jwt
 import pytest
 from aiohttp import WSMsgType
+from conftest import policy_text
+
+from proxy.policy.load import parse_policy
 
 SECRET = "reload-test-secret-0123456789-abcdefghij"
 
@@ -215,3 +218,63 @@ async def test_sighup_reloads_at_once(upstream, wsgate_process, tmp_path):
     process.signal(signal.SIGHUP)  # nothing changed: no reload, no error
     await process.wait_for("policy.unchanged", timeout=3)
     assert len(process.events("policy.reloaded")) == 1
+
+
+async def test_referenced_file_change_is_a_policy_change(upstream, wsgate_process, tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object"}))
+    policy = tmp_path / "policy.yaml"
+    write_policy(
+        policy,
+        upstream.url(),
+        routes=f"  - path: /json\n    upstream: {upstream.url()}\n    auth: none\n"
+        f"    messages: {{client: {{schema_file: {schema.name}}}}}\n",
+    )
+    process, port, _ = await start(wsgate_process, policy)
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"ws://127.0.0.1:{port}/json") as ws:
+            await ws.send_str("[1]")  # not an object: refused by the first schema
+            assert (await ws.receive(timeout=5)).data == 1008
+        schema.write_text(json.dumps({"type": "array"}))  # only the schema file changes
+        reloaded = await process.wait_for("policy.reloaded", timeout=5)
+        assert reloaded["trigger"] == "file changed"
+        async with session.ws_connect(f"ws://127.0.0.1:{port}/json") as ws:
+            await ws.send_str("[1]")
+            assert (await ws.receive(timeout=5)).data == "[1]"
+
+
+async def test_a_file_the_loader_chokes_on_does_not_stop_the_watcher(upstream, wsgate_process, tmp_path):
+    policy = tmp_path / "policy.yaml"
+    write_policy(policy, upstream.url())
+    process, port, _ = await start(wsgate_process, policy)
+    good = policy.read_text()
+    policy.write_text("version: !!binary x\nroutes: []\n")
+    failed = await process.wait_for("policy.reload_failed", timeout=5)
+    assert failed["error"].startswith(f"{policy}:1: invalid YAML value")
+    policy.write_text("version: 1\nroutes: " + "[" * 3000 + "]" * 3000 + "\n")
+    deadline = time.monotonic() + 5
+    while len(process.events("policy.reload_failed")) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert "nested too deeply" in process.events("policy.reload_failed")[-1]["error"]
+    policy.write_text(good + f"  - path: /later\n    upstream: {upstream.url()}\n    auth: none\n")
+    await process.wait_for("policy.reloaded", timeout=5)  # still watching
+    async with aiohttp.ClientSession() as session, session.ws_connect(f"ws://127.0.0.1:{port}/later") as ws:
+        assert await echo_ok(ws)
+
+
+async def test_reload_keeps_sessions_the_handshake_allowed(gateway, upstream, client):
+    """A route without an origins list never checks Origin, at the handshake or at a reload."""
+    body = f"""
+    routes:
+      - path: /echo
+        upstream: {upstream.url()}
+        auth: none
+        allow_missing_origin: false
+    """
+    gw = await gateway(body)
+    async with client.ws_connect(gw.url()) as ws:  # no Origin header
+        assert await echo_ok(ws)
+        added = f"      - path: /other\n        upstream: {upstream.url()}\n        auth: none\n"
+        new = parse_policy(policy_text(body.rstrip(" ") + added))
+        assert gw.gateway.apply_policy(new) == 0
+        assert await echo_ok(ws)

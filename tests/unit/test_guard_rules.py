@@ -137,3 +137,14 @@ def test_byte_rate_bucket() -> None:
     assert checker.check(2, b"x" * 100, 0.0) is None
     assert checker.check(2, b"x" * 100, 0.0) == (1008, "rate limit exceeded")
     assert checker.check(2, b"x" * 100, 1.0) is None
+
+
+def test_close_code_labels_group_only_client_chosen_codes() -> None:
+    from proxy.metrics import close_code_label
+
+    assert close_code_label(4321, "client") == "4xxx"
+    assert close_code_label(3001, "client") == "3xxx"
+    assert close_code_label(1000, "client") == "1000"
+    assert close_code_label(4000, "upstream") == "4000"
+    assert close_code_label(1008, "gateway") == "1008"
+    assert close_code_label(None, None) == "none"
