@@ -26,7 +26,7 @@ from proxy.relay import start_relay
 from proxy.reload import Reloader, enforce, refusal_for
 from proxy.request import HandshakeRequest
 from proxy.sessions import Session, SessionRegistry
-from proxy.upstream import connect_upstream
+from proxy.upstream import connect_upstream, forget_tls_contexts
 
 
 def listener_tls_context(tls: TlsListen) -> ssl.SSLContext:
@@ -62,6 +62,7 @@ class Gateway:
         )
         self.admin_address: Address | None = None
         self._server: asyncio.Server | None = None
+        self._tls_context: ssl.SSLContext | None = None
         self._handshakes: set[HandshakeProtocol] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
@@ -72,7 +73,7 @@ class Gateway:
         """Start listening; return the bound address (useful with port 0)."""
         loop = asyncio.get_running_loop()
         listen = self.policy.listen
-        tls = listener_tls_context(listen.tls) if listen.tls else None
+        tls = self._tls_context = listener_tls_context(listen.tls) if listen.tls else None
         self._server = await loop.create_server(
             self._new_connection,
             listen.address.host,
@@ -97,6 +98,22 @@ class Gateway:
             policy_sha256=self.policy.sha256[:12],
         )
         return self.address
+
+    def reload_files(self) -> None:
+        """Read the certificate files again: the listener's (new TLS handshakes get the new certificate;
+        live sessions keep theirs) and the upstreams' CA files. A pair that does not load is reported and
+        the running certificate stays."""
+        forget_tls_contexts()
+        tls = self.policy.listen.tls
+        if tls is None or self._tls_context is None:
+            return
+        try:
+            listener_tls_context(tls)  # a scratch load first: a broken pair must not touch the live context
+            self._tls_context.load_cert_chain(tls.cert_file, tls.key_file)
+        except (OSError, ssl.SSLError) as error:
+            logs.event("tls.reload_failed", logging.ERROR, cert=str(tls.cert_file), error=str(error))
+            return
+        logs.event("tls.reloaded", cert=str(tls.cert_file))
 
     def apply_policy(self, policy: Policy) -> int:
         """Swap in a new valid policy: new handshakes use it at once; live sessions it would refuse are
@@ -332,7 +349,14 @@ async def serve(
                 )
             return gateway.apply_policy(new)
 
-        reloader = Reloader(policy.source, lambda: gateway.policy, apply, gateway.metrics, watch_interval)
+        reloader = Reloader(
+            policy.source,
+            lambda: gateway.policy,
+            apply,
+            gateway.metrics,
+            interval=watch_interval,
+            files_changed=gateway.reload_files,
+        )
         reloader.start()
         hup = reloader
 

@@ -135,10 +135,12 @@ class Reloader:
         apply: Callable[[Policy], int],
         metrics: Metrics,
         interval: float = 1.0,
+        files_changed: Callable[[], None] | None = None,
     ) -> None:
         self.path = path
         self._current = current
         self._apply = apply
+        self._files_changed = files_changed
         self._metrics = metrics
         self.interval = interval
         self._signature = self._stat()
@@ -192,12 +194,17 @@ class Reloader:
         except PolicyError as error:
             return self._refuse(trigger, str(error))
         if same_policy(current, new):
+            # The same policy; its certificate files may still have new contents (rotated in place).
+            if self._files_changed is not None:
+                self._files_changed()
             logs.event("policy.unchanged", trigger=trigger, policy_sha256=current.sha256[:12])
             return False
         problem = restart_needed(current, new)
         if problem is not None:
             return self._refuse(trigger, f"{self.path}: {problem}", restart_required=True)
         closed = self._apply(new)
+        if self._files_changed is not None:
+            self._files_changed()
         self._metrics.reload_result("success")
         logs.event(
             "policy.reloaded",

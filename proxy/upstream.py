@@ -254,6 +254,11 @@ def _tls_context(ca_file: str | None, insecure_skip_verify: bool) -> ssl.SSLCont
     return context
 
 
+def forget_tls_contexts() -> None:
+    """Drop the cached upstream TLS contexts, so the next connections read CA files again."""
+    _tls_context.cache_clear()
+
+
 def upstream_tls_context(upstream: Upstream) -> ssl.SSLContext | None:
     """The client TLS context for a wss:// upstream: the system CAs, a ``ca_file``, or (tests only) none."""
     if not upstream.secure:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import json
@@ -206,3 +207,38 @@ def _upgrade_headers() -> dict[str, str]:
         "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
         "Sec-WebSocket-Version": "13",
     }
+
+
+async def _served_serial(port: int, ca: Path) -> str:
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(ca))
+    serial = writer.get_extra_info("ssl_object").getpeercert()["serialNumber"]
+    writer.close()
+    return serial
+
+
+async def test_certificate_rotated_in_place_is_served_without_a_restart(upstream, wsgate_process, tmp_path):
+    ca_path, ca_key, ca_cert = make_ca(tmp_path, "rotation-ca")
+    cert, key = make_leaf(tmp_path, "server", ca_key, ca_cert)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        'version: 1\nlisten: {address: "127.0.0.1:0", tls: {cert: server.crt, key: server.key}}\n'
+        'admin: {address: "127.0.0.1:0"}\n'
+        f"routes:\n  - path: /echo\n    upstream: {upstream.url()}\n    auth: none\n"
+    )
+    process = wsgate_process("serve", "-c", str(policy), "--log-format", "json")
+    port = await process.listening_port()
+    first = await _served_serial(port, ca_path)
+    async with aiohttp.ClientSession() as session:
+        live = await session.ws_connect(f"wss://127.0.0.1:{port}/echo", ssl=client_context(ca_path))
+        rotated = tmp_path / "rotated"
+        rotated.mkdir()
+        new_cert, new_key = make_leaf(rotated, "server", ca_key, ca_cert)
+        key.write_bytes(new_key.read_bytes())  # in place, as a secret volume or cert-manager would
+        cert.write_bytes(new_cert.read_bytes())
+        await process.wait_for("tls.reloaded", timeout=5)
+        second = await _served_serial(port, ca_path)
+        assert second != first
+        await live.send_str("still on the old certificate")
+        assert (await live.receive(timeout=5)).data == "still on the old certificate"
+        await live.close()
+    assert process.events("policy.reload_failed") == []
