@@ -63,16 +63,36 @@ def is_valid_client_key(value: str) -> bool:
         return False
 
 
-def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes:
-    """XOR ``data`` with the 4-byte ``mask`` repeated; masking and unmasking are the same operation.
-
-    Written for speed: one big-integer XOR runs in C, which beats a Python loop by orders of magnitude.
-    """
+def _apply_mask_bigint(data: bytes | bytearray | memoryview, mask: bytes) -> bytes:
+    """XOR ``data`` with the 4-byte ``mask`` repeated, as one big-integer XOR (runs in C, no loop)."""
     length = len(data)
     if not length:
         return b""
     key = (mask * ((length >> 2) + 1))[:length]
     return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(length, "little")
+
+
+try:
+    # aiohttp (a dependency) ships RFC 6455 masking compiled with Cython: 4-35x faster than the big-integer
+    # XOR from 64 B to 64 KiB. It is not a public API, so the pure-Python way stays as the fallback.
+    from aiohttp._websocket.mask import (  # type: ignore[import-not-found]
+        _websocket_mask_cython as _mask_in_place,
+    )
+except ImportError:  # pragma: no cover - aiohttp built without its extensions
+    _mask_in_place = None
+
+
+def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes | bytearray:
+    """XOR ``data`` with the 4-byte ``mask`` repeated; masking and unmasking are the same operation.
+
+    Returns a new buffer (``data`` is never changed). Written for speed: the hot path masks every
+    client frame.
+    """
+    if _mask_in_place is None:
+        return _apply_mask_bigint(data, mask)
+    out = bytearray(data)
+    _mask_in_place(mask, out)
+    return out
 
 
 class MaskSource:
@@ -108,7 +128,7 @@ def encode_header(first_byte: int, length: int, mask: bytes | None) -> bytes:
     return header + mask if mask is not None else header
 
 
-def encode_frame(opcode: int, payload: bytes, mask: bytes | None = None) -> bytes:
+def encode_frame(opcode: int, payload: bytes | bytearray, mask: bytes | None = None) -> bytes:
     """One whole (FIN) frame; the payload is masked with ``mask`` when given."""
     body = apply_mask(payload, mask) if mask is not None else payload
     return encode_header(0x80 | opcode, len(payload), mask) + body
@@ -124,7 +144,7 @@ def close_payload(code: int | None, reason: str = "") -> bytes:
     return code.to_bytes(2, "big") + raw
 
 
-def parse_close(payload: bytes) -> tuple[int | None, str]:
+def parse_close(payload: bytes | bytearray) -> tuple[int | None, str]:
     """The code and reason of a close frame's payload.
 
     Raises:

@@ -81,7 +81,7 @@ class Leg(asyncio.Protocol):
         self._max_message_bytes = max_message_bytes
         #: The direction's message rules, or None when nothing but frame syntax and size is checked.
         self.checker = checker
-        self._fragments: list[bytes] = []
+        self._fragments: list[bytes | bytearray] = []
         self._message_opcode = 0
         self._dropping = False
         self._buffer = bytearray()
@@ -176,7 +176,7 @@ class Leg(asyncio.Protocol):
         mask_bit = 0x80 if recv_masked else 0
         max_bytes = self._max_message_bytes
         checker = self.checker
-        pieces: list[bytes] = []
+        pieces: list[bytes | bytearray] = []
         try:
             while size - pos >= 2:
                 b0 = buf[pos]
@@ -283,7 +283,7 @@ class Leg(asyncio.Protocol):
         hlen: int,
         end: int,
         now: float,
-        pieces: list[bytes],
+        pieces: list[bytes | bytearray],
     ) -> None:
         """A data frame under message rules: fragments are gathered so the whole message is checked, then
         forwarded as one frame, dropped and counted, or refused (the offender is closed).
@@ -305,32 +305,42 @@ class Leg(asyncio.Protocol):
             if b0 & _FIN:
                 self._dropping = False
             return
-        payload = (
-            apply_mask(buf[pos + hlen : end], bytes(buf[pos + hlen - 4 : pos + hlen]))
-            if self._recv_masked
-            else bytes(buf[pos + hlen : end])
-        )
-        if not b0 & _FIN:
-            self._fragments.append(payload)
+        if b0 & _FIN and not self._fragments:
+            # A whole message in one frame: judged (unmasked only if a rule reads its bytes) and, if it
+            # passes, forwarded as it came, re-masked towards the upstream.
+            if checker.reads_payload(opcode):
+                verdict = checker.check(opcode, self._payload(buf, pos, hlen, end), now)
+            else:
+                verdict = checker.check_size(end - pos - hlen, now)
+            if verdict is None:
+                pieces.append(self._outgoing(buf, pos, hlen, end))
+                return
+            if not checker.drops(verdict):
+                raise ProtocolError(verdict[1], verdict[0])
+            checker.dropped += 1
             return
-        whole = not self._fragments
-        if not whole:
-            self._fragments.append(payload)
-            payload = b"".join(self._fragments)
-            self._fragments = []
+        self._fragments.append(self._payload(buf, pos, hlen, end))
+        if not b0 & _FIN:
+            return
+        payload = b"".join(self._fragments)
+        self._fragments = []
         verdict = checker.check(self._message_opcode, payload, now)
         if verdict is not None:
             if not checker.drops(verdict):
                 raise ProtocolError(verdict[1], verdict[0])
             checker.dropped += 1
             return
-        if whole and not self._recv_masked:
-            pieces.append(bytes(buf[pos:end]))
-        else:
-            mask = _masks.next() if self._recv_masked else None
-            pieces.append(encode_frame(self._message_opcode, payload, mask))
+        pieces.append(
+            encode_frame(self._message_opcode, payload, _masks.next() if self._recv_masked else None)
+        )
 
-    def _flush(self, buf: bytes | bytearray, pos: int, pieces: list[bytes]) -> None:
+    def _payload(self, buf: bytes | bytearray, pos: int, hlen: int, end: int) -> bytes | bytearray:
+        """A frame's payload, unmasked."""
+        if self._recv_masked:
+            return apply_mask(buf[pos + hlen : end], bytes(buf[pos + hlen - 4 : pos + hlen]))
+        return bytes(buf[pos + hlen : end])
+
+    def _flush(self, buf: bytes | bytearray, pos: int, pieces: list[bytes | bytearray]) -> None:
         """Write what :meth:`_relay_frames` accepted so far to the other side, in one call."""
         if self._recv_masked or self.checker is not None:
             if pieces:
@@ -339,7 +349,7 @@ class Leg(asyncio.Protocol):
             # Server frames travel unchanged: everything consumed so far is one contiguous run.
             self.peer.transport.write(buf if pos == len(buf) and isinstance(buf, bytes) else bytes(buf[:pos]))
 
-    def _handle_close(self, payload: bytes) -> None:
+    def _handle_close(self, payload: bytes | bytearray) -> None:
         try:
             code, reason = parse_close(payload)
         except ProtocolError as error:
@@ -383,7 +393,7 @@ class Leg(asyncio.Protocol):
             if end > size:
                 break
             if buf[pos] & 0x0F == _CLOSE:
-                payload = bytes(buf[pos + hlen : end])
+                payload: bytes | bytearray = bytes(buf[pos + hlen : end])
                 if b1 & 0x80:
                     payload = apply_mask(payload, bytes(buf[pos + hlen - 4 : pos + hlen]))
                 self._handle_close(payload)
@@ -397,7 +407,7 @@ class Leg(asyncio.Protocol):
         """Send a close frame to this side (once), then wait ``close_timeout`` for its reply."""
         self._send_close_payload(close_payload(code, reason))
 
-    def _send_close_payload(self, payload: bytes) -> None:
+    def _send_close_payload(self, payload: bytes | bytearray) -> None:
         if self.close_sent or self.lost:
             return
         self.close_sent = True

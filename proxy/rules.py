@@ -81,7 +81,18 @@ class MessageChecker:
             )
         return None
 
-    def check(self, opcode: int, payload: bytes, now: float) -> Verdict:
+    def reads_payload(self, opcode: int) -> bool:
+        """Whether :meth:`check` looks at a message's bytes (text under UTF-8, JSON or schema rules);
+        when it does not, :meth:`check_size` gives the same verdict without unmasking the payload."""
+        return opcode == _TEXT and (self._utf8 or self._json or self._schema is not None)
+
+    def check_size(self, size: int, now: float) -> Verdict:
+        """The verdict for a message whose bytes need no reading: the rate limits only."""
+        if self._messages_per_second is not None or self._bytes_per_second is not None:
+            return self._take(size, now)
+        return None
+
+    def check(self, opcode: int, payload: bytes | bytearray, now: float) -> Verdict:
         """Check one whole message (unmasked payload) arriving at ``now`` (monotonic seconds)."""
         if self._messages_per_second is not None or self._bytes_per_second is not None:
             verdict = self._take(len(payload), now)
