@@ -106,7 +106,7 @@ class HandshakeProtocol(asyncio.Protocol):
             return
         if self._proxy_header is not None:
             rest = self._read_proxy_header(data)
-            if rest is None:
+            if not rest:  # header incomplete or refused, or it filled this read: h11 reads b"" as EOF
                 return
             data = rest
         self._parser.receive_data(data)

@@ -44,13 +44,25 @@ def _parse_v1(data: bytes) -> tuple[str | None, int] | None:
         return None, end + 2
     if len(parts) != 6 or parts[1] not in ("TCP4", "TCP6"):
         raise ProxyHeaderError("malformed PROXY v1 header")
+    version = 4 if parts[1] == "TCP4" else 6
+    source = _v1_address(parts[2], version, "source")
+    _v1_address(parts[3], version, "destination")
+    for port in parts[4:6]:
+        if not (port.isdigit() and len(port) <= 5 and int(port) <= 65535 and (port == "0" or port[0] != "0")):
+            raise ProxyHeaderError("malformed PROXY v1 port")
+    return source, end + 2
+
+
+def _v1_address(text: str, version: int, which: str) -> str:
+    if "%" in text:  # a zone id names an interface of the balancer, not a client
+        raise ProxyHeaderError(f"malformed PROXY v1 {which} address")
     try:
-        source = ipaddress.ip_address(parts[2])
+        address = ipaddress.ip_address(text)
     except ValueError:
-        raise ProxyHeaderError("malformed PROXY v1 source address") from None
-    if source.version != (4 if parts[1] == "TCP4" else 6):
+        raise ProxyHeaderError(f"malformed PROXY v1 {which} address") from None
+    if address.version != version:
         raise ProxyHeaderError("PROXY v1 address family mismatch")
-    return str(source), end + 2
+    return str(address)
 
 
 def _parse_v2(data: bytes) -> tuple[str | None, int] | None:
@@ -71,8 +83,16 @@ def _parse_v2(data: bytes) -> tuple[str | None, int] | None:
         return None, total
     if command != 1:
         raise ProxyHeaderError("unknown PROXY v2 command")
-    if family == 1 and length >= 12:
+    if family == 0:  # AF_UNSPEC: the balancer does not know the source; keep the TCP peer
+        return None, total
+    if data[13] & 0x0F != 1:
+        raise ProxyHeaderError("PROXY v2 header for another transport than TCP")
+    if family == 1:
+        if length < 12:
+            raise ProxyHeaderError("PROXY v2 address block too short for IPv4")
         return str(ipaddress.IPv4Address(data[16:20])), total
-    if family == 2 and length >= 36:
+    if family == 2:
+        if length < 36:
+            raise ProxyHeaderError("PROXY v2 address block too short for IPv6")
         return str(ipaddress.IPv6Address(data[16:32])), total
-    return None, total
+    raise ProxyHeaderError("PROXY v2 address family not supported (only TCP over IPv4 or IPv6)")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from proxy import logs
 from proxy.errors import CloseCode
 from proxy.frames import MaskSource, ProtocolError, apply_mask, close_payload, encode_frame, parse_close
 from proxy.policy.model import MessageRate, MessageRules
@@ -60,6 +61,7 @@ class Leg(asyncio.Protocol):
         "oversized",
         "peer",
         "session",
+        "throttled",
         "transport",
     )
 
@@ -92,6 +94,8 @@ class Leg(asyncio.Protocol):
         self.bytes = 0
         #: Whether this side was closed for a message over the size limit (a "size" violation).
         self.oversized = False
+        #: Whether reading from this side is paused because the other side's write buffer is full.
+        self.throttled = False
         self.close_received = False
         self.close_sent = False
         self.lost = False
@@ -117,6 +121,11 @@ class Leg(asyncio.Protocol):
             except ProtocolError as error:
                 self._fail(error.code, str(error))
                 return
+            except Exception:  # noqa: BLE001 - a bug must cost this session, never the process
+                fields = {"request_id": self.session.request_id, "side": self.name}
+                logs.LOGGER.exception("relay.error", extra={"fields": fields})
+                self._fail(CloseCode.INTERNAL_ERROR, "internal error")
+                return
         if self.lost or self.close_received:
             return
         if buf is self._buffer:
@@ -126,12 +135,14 @@ class Leg(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         """Our transport's buffer is full: stop reading from the side that fills it."""
+        self.peer.throttled = True
         peer_transport = self.peer.transport
         if not peer_transport.is_closing():
             peer_transport.pause_reading()
 
     def resume_writing(self) -> None:
         """Our transport drained: read from the other side again."""
+        self.peer.throttled = False
         peer_transport = self.peer.transport
         if not peer_transport.is_closing():
             peer_transport.resume_reading()
@@ -436,14 +447,21 @@ class Leg(asyncio.Protocol):
             self.peer.send_close(CloseCode.GOING_AWAY, "client closed by gateway")
 
     def _shutdown(self, abort: bool = False) -> None:
-        """Both close frames crossed on this connection (or time ran out): close the socket."""
+        """Both close frames crossed on this connection (or time ran out): close the socket.
+
+        A graceful close waits for the write buffer to drain; a side that stopped reading would make it
+        wait forever, so the socket is cut if it is not gone within ``close_timeout``.
+        """
         self._cancel_close_timer()
         if self.lost:
             return
         if abort:
             self.transport.abort()
-        else:
-            self.transport.close()
+            return
+        self.transport.close()
+        if not self.lost and self.transport.get_write_buffer_size():
+            timeout = self.session.route.limits.close_timeout
+            self._close_timer = self.session.loop.call_later(timeout, self.transport.abort)
 
     def _cancel_close_timer(self) -> None:
         if self._close_timer is not None:
@@ -491,9 +509,10 @@ def start_relay(
         upstream.data_received(upstream_pending)
     if client_pending:
         client.data_received(client_pending)
-    for transport in (client_transport, upstream_transport):
-        if not transport.is_closing():
-            transport.resume_reading()
+    for leg in (client, upstream):
+        # A leg stays paused if relaying the pending bytes already filled its peer's write buffer.
+        if not leg.transport.is_closing() and not leg.throttled:
+            leg.transport.resume_reading()
 
 
 def _checker(rules: MessageRules | None, rate: MessageRate | None, now: float) -> MessageChecker | None:

@@ -106,7 +106,7 @@ class MessageChecker:
             if self._json or self._schema is not None:
                 try:
                     document = json.loads(text)
-                except ValueError:
+                except (ValueError, RecursionError):
                     return self._violation("json", CloseCode.INVALID_DATA, "text message is not valid JSON")
                 if self._schema is not None:
                     try:
@@ -116,6 +116,10 @@ class MessageChecker:
                             "schema",
                             CloseCode.POLICY_VIOLATION,
                             f"message does not match the schema: {error}",
+                        )
+                    except RecursionError:
+                        return self._violation(
+                            "schema", CloseCode.POLICY_VIOLATION, "message nested too deeply to check"
                         )
         return None
 

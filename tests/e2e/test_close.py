@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 import time
 
 from aiohttp import WSMsgType
@@ -164,3 +165,28 @@ async def test_no_task_socket_or_session_leaks_across_every_ending(gateway, upst
     assert upstream.sessions_open == 0
     assert _live_tasks() <= tasks_before, asyncio.all_tasks()
     assert open_fds() <= fds_before + 2, f"fds {fds_before} -> {open_fds()}"
+
+
+async def test_client_that_stops_reading_cannot_hold_its_session_after_closing(gateway, upstream):
+    """The upstream floods a client that reads nothing; the client then sends a close. The answer cannot
+    be delivered into its full buffer, so the gateway cuts the socket after close_timeout (2 s here)."""
+    gw = await gateway(route(upstream.url("/")))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", gw.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(
+        b"GET /flood?count=300&size=65536 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    await reader.readuntil(b"\r\n\r\n")
+    await asyncio.sleep(0.5)  # the upstream fills every buffer on the way to us
+    writer.write(bytes([0x88, 0x82, 1, 2, 3, 4, 0x03 ^ 1, 0xE8 ^ 2]))  # close 1000, masked
+    await writer.drain()
+    started = time.monotonic()
+    while len(gw.gateway.sessions) and time.monotonic() - started < 8:
+        await asyncio.sleep(0.1)
+    assert len(gw.gateway.sessions) == 0
+    assert time.monotonic() - started < 5
+    writer.transport.abort()

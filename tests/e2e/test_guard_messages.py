@@ -165,3 +165,29 @@ async def test_violation_on_one_session_leaves_others_alone(gateway, upstream, c
         assert (await ws.recv_close()).close_code == 1007
         await healthy.send_str("fine")
         assert (await healthy.receive(timeout=5)).data == "fine"
+
+
+async def test_deeply_nested_json_is_a_violation_not_a_crash(gateway, upstream, log_events):
+    gw = await gateway(
+        f"""
+    routes:
+      - path: /strict
+        upstream: {upstream.url()}
+        auth: none
+        messages: {{client: {{json: true}}}}
+      - path: /lenient
+        upstream: {upstream.url()}
+        auth: none
+        messages: {{client: {{json: true, on_violation: drop}}}}
+    """
+    )
+    deep = b"[" * 50000 + b"]" * 50000
+    ws, _ = await RawClient.connect(gw.port, "/strict")
+    ws.send_frame(TEXT, deep)
+    frame = await ws.recv_close()
+    assert (frame.close_code, frame.close_reason) == (1007, "text message is not valid JSON")
+    ws, _ = await RawClient.connect(gw.port, "/lenient")
+    ws.send_frame(TEXT, deep)
+    ws.send_frame(TEXT, b"[1]")
+    assert await ws.recv_message() == (TEXT, b"[1]")
+    assert not [event for event in log_events.events if event["level"] == "error"]

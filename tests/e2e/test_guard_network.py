@@ -299,3 +299,29 @@ async def test_refused_handshakes_do_not_disturb_live_sessions(gateway, upstream
             assert response.status == 429
         await ws.send_str("still fine")
         assert (await ws.receive(timeout=5)).data == "still fine"
+
+
+async def test_proxy_header_sent_in_its_own_packet(upstream, gateway, log_events):
+    """Balancers often send the PROXY header alone, right after connecting, before the client's bytes."""
+    gw = await gateway(
+        f"""
+    listen: {{address: "127.0.0.1:0", proxy_protocol: true}}
+    routes:
+      - path: /echo
+        upstream: {upstream.url()}
+        auth: none
+    """
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"PROXY TCP4 198.51.100.77 127.0.0.1 40000 8080\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.write(
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    assert b" 101 " in status_line
+    opened = await log_events.wait_for("session.open")
+    assert opened["client_ip"] == "198.51.100.77"
+    writer.close()

@@ -53,9 +53,25 @@ def test_proxy_v2_header() -> None:
     assert parse_proxy_header(local) == (None, 16)
 
 
+V2 = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
 @pytest.mark.parametrize(
     "data",
-    [b"GET / HTTP/1.1\r\n", b"PROXY TCP4 x y 1 2\r\n", b"PROXY TCP4 ::1 ::1 1 2\r\n", b"PROXY " + b"9" * 120],
+    [
+        b"GET / HTTP/1.1\r\n",
+        b"PROXY TCP4 x y 1 2\r\n",
+        b"PROXY TCP4 ::1 ::1 1 2\r\n",
+        b"PROXY " + b"9" * 120,
+        b"PROXY TCP4 1.2.3.4 junk 1 2\r\n",  # destination must parse too
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 99999 80\r\n",  # port out of range
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 x 80\r\n",
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 080 80\r\n",  # leading zero
+        b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n",  # zone id
+        V2 + b"\x21\x11\x00\x04" + bytes(4),  # PROXY over TCP4 with an address block too short
+        V2 + b"\x21\x12\x00\x0c" + bytes(12),  # UDP
+        V2 + b"\x21\x31\x00\x00",  # AF_UNIX
+    ],
 )
 def test_bad_proxy_headers_are_refused(data: bytes) -> None:
     with pytest.raises(ProxyHeaderError):
