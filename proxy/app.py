@@ -15,7 +15,7 @@ from typing import Any
 
 from proxy import logs
 from proxy.admin import AdminServer, AdminState
-from proxy.errors import CloseCode, Rejection, UpstreamError
+from proxy.errors import CloseCode, Rejection, StartupError, UpstreamError
 from proxy.frames import accept_key
 from proxy.handshake import Pipeline
 from proxy.limiter.memory import MemoryLimiter
@@ -27,6 +27,11 @@ from proxy.reload import Reloader, enforce, refusal_for
 from proxy.request import HandshakeRequest
 from proxy.sessions import Session, SessionRegistry
 from proxy.upstream import connect_upstream, forget_tls_contexts
+
+
+def _reason(error: OSError) -> str:
+    """An OS error as users read it: "address already in use", not the errno and the tuple."""
+    return (error.strerror or str(error)).lower() if error.errno else str(error)
 
 
 def listener_tls_context(tls: TlsListen) -> ssl.SSLContext:
@@ -74,18 +79,27 @@ class Gateway:
         loop = asyncio.get_running_loop()
         listen = self.policy.listen
         tls = self._tls_context = listener_tls_context(listen.tls) if listen.tls else None
-        self._server = await loop.create_server(
-            self._new_connection,
-            listen.address.host,
-            listen.address.port,
-            ssl=tls,
-            reuse_address=True,
-            backlog=1024,
-        )
+        try:
+            self._server = await loop.create_server(
+                self._new_connection,
+                listen.address.host,
+                listen.address.port,
+                ssl=tls,
+                reuse_address=True,
+                backlog=1024,
+            )
+        except OSError as error:
+            message = f"cannot listen on {listen.address} (listen.address): {_reason(error)}"
+            raise StartupError(message) from None
         host, port = self._server.sockets[0].getsockname()[:2]
         self.address = Address(host, port)
         try:
             self.admin_address = await self.admin.start(self.policy.admin)
+        except OSError as error:
+            self._server.close()
+            raise StartupError(
+                f"cannot listen on {self.policy.admin} (admin.address): {_reason(error)}"
+            ) from None
         except BaseException:
             self._server.close()
             raise

@@ -9,7 +9,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from proxy import __version__, logs
-from proxy.errors import PolicyError
+from proxy.errors import PolicyError, StartupError
 from proxy.policy.load import load_policy
 
 
@@ -109,7 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         from proxy.app import serve
 
-        return _run(serve(policy, log_format=args.log_format, log_level=args.log_level))
+        try:
+            return _run(serve(policy, log_format=args.log_format, log_level=args.log_level))
+        except StartupError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     logs.configure(args.log_format or "auto", args.log_level or "info")
     from proxy.demo import run_demo
 

@@ -71,5 +71,9 @@ class Rejection(Exception):
         )
 
 
+class StartupError(Exception):
+    """The gateway could not start serving (an address in use, a permission denied); exit 1 with this."""
+
+
 class UpstreamError(Exception):
     """The upstream could not be connected or refused the WebSocket upgrade; the client gets 502."""

@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import re
+import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -255,9 +256,19 @@ def _tls(source: _Source, node: yaml.Node, path: str) -> TlsListen:
         if value not in ("1.2", "1.3"):
             source.fail(value_node, section.child("min_version"), 'expected "1.2" or "1.3"')
         min_version = value
+    cert_file = section.require("cert", _file)
+    key_file = section.require("key", _file)
+    try:  # a pair that does not load would otherwise surface only when the listener starts
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert_file, key_file)
+    except (ssl.SSLError, OSError) as error:
+        source.fail(
+            section.node_of("cert"),
+            section.child("cert"),
+            f"cannot load the certificate and key: {error.strerror or error}",
+        )
     return TlsListen(
-        cert_file=section.require("cert", _file),
-        key_file=section.require("key", _file),
+        cert_file=cert_file,
+        key_file=key_file,
         min_version="1.3" if min_version == "1.3" else "1.2",
     )
 
@@ -354,7 +365,17 @@ def _upstream(source: _Source, node: yaml.Node, path: str) -> Upstream:
 
 def _upstream_tls(source: _Source, node: yaml.Node, path: str) -> tuple[Path | None, bool]:
     section = _Map(source, node, path, ("ca_file", "insecure_skip_verify"))
-    return section.get("ca_file", _file, None), section.get("insecure_skip_verify", _bool, False)
+    ca_file = section.get("ca_file", _file, None)
+    if ca_file is not None:
+        try:
+            ssl.create_default_context(cafile=str(ca_file))
+        except (ssl.SSLError, OSError) as error:
+            source.fail(
+                section.node_of("ca_file"),
+                section.child("ca_file"),
+                f"not a PEM CA bundle: {error.strerror or error}",
+            )
+    return ca_file, section.get("insecure_skip_verify", _bool, False)
 
 
 def _firewall(source: _Source, node: yaml.Node, path: str) -> Firewall:

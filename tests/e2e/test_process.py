@@ -9,6 +9,7 @@ import os
 import pty
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -275,3 +276,48 @@ async def test_log_level_and_error_file_from_the_policy(upstream, wsgate_process
     lines = [json.loads(line) for line in errors.read_text().splitlines()]
     assert [line["event"] for line in lines] == ["handshake.rejected"]
     assert (lines[0]["status"], lines[0]["route"], lines[0]["level"]) == (502, "/down", "warning")
+
+
+@pytest.mark.parametrize("taken", ["listen", "admin"])
+def test_an_address_in_use_is_a_clear_error_not_a_traceback(tmp_path, taken):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        addresses = {"listen": "127.0.0.1:0", "admin": "127.0.0.1:0", taken: f"127.0.0.1:{port}"}
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(
+            f'version: 1\nlisten: {{address: "{addresses["listen"]}"}}\n'
+            f'admin: {{address: "{addresses["admin"]}"}}\n'
+            "routes:\n  - path: /a\n    upstream: ws://127.0.0.1:9/\n    auth: none\n"
+        )
+        result = run(WSGATE, "serve", "-c", str(policy))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port} ({taken}.address):")
+    assert "address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_certificate_that_does_not_load_is_refused_by_check(tmp_path):
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    (tmp_path / "key.pem").write_text("not a key\n")
+    (tmp_path / "ca.pem").write_text("not a CA\n")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "version: 1\n"
+        "listen:\n  address: 127.0.0.1:0\n  tls: {cert: cert.pem, key: key.pem}\n"
+        "routes:\n  - path: /a\n    upstream: wss://127.0.0.1:9/\n    auth: none\n"
+    )
+    result = run(WSGATE, "check", "-c", str(policy))
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        f"error: {policy}:4: listen.tls.cert: cannot load the certificate and key"
+    )
+    policy.write_text(
+        "version: 1\n"
+        "routes:\n  - path: /a\n    upstream: wss://127.0.0.1:9/\n    auth: none\n"
+        "    upstream_tls: {ca_file: ca.pem}\n"
+    )
+    result = run(WSGATE, "check", "-c", str(policy))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: {policy}:6: routes[0].upstream_tls.ca_file: not a PEM CA bundle")

@@ -141,7 +141,7 @@ def test_listen_addresses() -> None:
     assert str(policy.listen.address) == "[::1]:0"
 
 
-def test_tls_files_must_exist(tmp_path: Path) -> None:
+def test_tls_files_must_exist_and_load(tmp_path: Path) -> None:
     policy_file = tmp_path / "p.yaml"
     policy_file.write_text(
         f"version: 1\nlisten:\n  address: 0.0.0.0:8443\n  tls: {{cert: c.pem, key: k.pem}}\n{ROUTE}\n"
@@ -151,7 +151,9 @@ def test_tls_files_must_exist(tmp_path: Path) -> None:
     assert str(raised.value).startswith(f"{policy_file}:4: listen.tls.cert: file not found")
     (tmp_path / "c.pem").write_text("x")
     (tmp_path / "k.pem").write_text("x")
-    assert load_policy(policy_file).listen.tls is not None
+    with pytest.raises(PolicyError) as raised:  # present, but not a certificate and its key
+        load_policy(policy_file)
+    assert str(raised.value).startswith(f"{policy_file}:4: listen.tls.cert: cannot load the certificate")
 
 
 def _pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
