@@ -198,9 +198,20 @@ async def connect(port: int, path: str = "/echo") -> Client:
     return client
 
 
-async def latency(port: int, rounds: int, size: int) -> tuple[float, float]:
-    client = await connect(port)
-    frame = _frame(0x2, os.urandom(size), os.urandom(4))
+#: Whether the client sends text (checked as UTF-8 by default) instead of binary messages; set by --text.
+TEXT_MESSAGES = False
+
+
+def _message(size: int) -> tuple[int, bytes]:
+    """An (opcode, payload) of the kind the run measures."""
+    if TEXT_MESSAGES:
+        return 0x1, ("é" * (size // 2)).encode()[:size].ljust(size, b"x")
+    return 0x2, os.urandom(size)
+
+
+async def latency(port: int, rounds: int, size: int, path: str = "/echo") -> tuple[float, float]:
+    client = await connect(port, path)
+    frame = _frame(*_message(size), os.urandom(4))
     samples = []
     for index in range(rounds):
         started = time.perf_counter()
@@ -213,9 +224,11 @@ async def latency(port: int, rounds: int, size: int) -> tuple[float, float]:
     return quantiles[49] * 1e6, quantiles[98] * 1e6
 
 
-async def throughput(port: int, connections: int, per_connection: int, window: int, size: int) -> float:
-    clients = [await connect(port) for _ in range(connections)]
-    batch = b"".join(_frame(0x2, os.urandom(size), os.urandom(4)) for _ in range(window))
+async def throughput(
+    port: int, connections: int, per_connection: int, window: int, size: int, path: str = "/echo"
+) -> float:
+    clients = [await connect(port, path) for _ in range(connections)]
+    batch = b"".join(_frame(*_message(size), os.urandom(4)) for _ in range(window))
 
     async def pump(client: Client) -> None:
         sent = 0
@@ -261,6 +274,17 @@ def wait_port(port: int, timeout: float = 10) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
+BENCH_SECRET = "relay-benchmark-secret-0123456789abcdef"
+
+
+def guarded_path() -> str:
+    """The guarded route, with a valid token in the query (the raw client sends no headers)."""
+    import jwt
+
+    token = jwt.encode({"sub": "bench", "exp": int(time.time()) + 3600}, BENCH_SECRET, algorithm="HS256")
+    return f"/guarded?access_token={token}"
+
+
 def start_wsgate(upstream_port: int, workdir: Path) -> tuple[subprocess.Popen[bytes], int, list[int]]:
     port = free_port()
     policy = workdir / "bench.yaml"
@@ -271,10 +295,27 @@ def start_wsgate(upstream_port: int, workdir: Path) -> tuple[subprocess.Popen[by
             listen: {{address: "127.0.0.1:{port}"}}
             admin: {{address: "127.0.0.1:0"}}
             limits: {{max_message_size: 1MiB, idle_timeout: 0}}
+            trusted_proxies: [10.0.0.0/8]
+            firewall: {{default: allow, rules: [{{deny: 192.0.2.0/24}}, {{allow: 127.0.0.0/8}}]}}
+            auth:
+              bench: {{algorithms: [HS256], secret_env: WSGATE_BENCH_SECRET, token_sources: [header, query]}}
             routes:
               - path: /echo
                 upstream: ws://127.0.0.1:{upstream_port}/echo
                 auth: none
+              # every per-message guard on, with limits far above the load: the cost of checking
+              - path: /guarded
+                upstream: ws://127.0.0.1:{upstream_port}/echo
+                auth: bench
+                forward_claims: {{sub: X-User-Id}}
+                limits:
+                  messages_per_connection: 10000000/s
+                  message_burst: 10000000
+                  bytes_per_connection: 10GiB/s
+                  byte_burst: 10GiB
+                messages:
+                  client: {{types: [text, binary]}}
+                  upstream: {{types: [text, binary], max_message_size: 1MiB}}
             """
         )
     )
@@ -282,6 +323,7 @@ def start_wsgate(upstream_port: int, workdir: Path) -> tuple[subprocess.Popen[by
         [sys.executable, "-m", "proxy", "serve", "-c", str(policy), "--log-level", "warning"],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
+        env={**os.environ, "WSGATE_BENCH_SECRET": BENCH_SECRET},
     )
     wait_port(port)
     return process, port, [process.pid]
@@ -333,10 +375,12 @@ def start_nginx(upstream_port: int, workdir: Path) -> tuple[subprocess.Popen[byt
 # -- main ------------------------------------------------------------------------------------------
 
 
-async def measure(name: str, port: int, pids: list[int], args: argparse.Namespace) -> dict[str, float]:
-    p50, p99 = await latency(port, args.rounds, 64)
+async def measure(
+    name: str, port: int, pids: list[int], args: argparse.Namespace, path: str = "/echo"
+) -> dict[str, float]:
+    p50, p99 = await latency(port, args.rounds, 64, path)
     before = tree_cpu_seconds(pids) if pids else 0.0
-    rate = await throughput(port, args.connections, args.messages, args.window, args.size)
+    rate = await throughput(port, args.connections, args.messages, args.window, args.size, path)
     total_messages = args.connections * args.messages
     cpu = (tree_cpu_seconds(pids) - before) if pids else 0.0
     relayed = total_messages * 2  # each echo is relayed once each way
@@ -359,7 +403,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="payload bytes (throughput)")
     parser.add_argument("--quick", action="store_true", help="a tenth of the work, for a smoke run")
     parser.add_argument("--no-nginx", action="store_true")
+    parser.add_argument("--text", action="store_true", help="text messages (UTF-8 checked) instead of binary")
     args = parser.parse_args()
+    global TEXT_MESSAGES
+    TEXT_MESSAGES = args.text
     if args.quick:
         args.rounds, args.messages = args.rounds // 10, args.messages // 10
 
@@ -381,6 +428,7 @@ def main() -> None:
             process, port, pids = start_wsgate(upstream_port, workdir)
             procs.append(process)
             results["wsgate"] = runner(measure("wsgate", port, pids, args))
+            results["wsgate+guards"] = runner(measure("wsgate+guards", port, pids, args, guarded_path()))
             if not args.no_nginx:
                 started = start_nginx(upstream_port, workdir)
                 if started is not None:
@@ -399,10 +447,10 @@ def main() -> None:
         f"throughput {args.connections} conns x {args.messages} msgs of {args.size} B, "
         f"window {args.window}; {os.cpu_count()} CPUs"
     )
-    print(f"{'target':<8} {'p50 µs':>8} {'p99 µs':>8} {'msgs/s':>10} {'proxy CPU-s/100k msgs':>22}")
+    print(f"{'target':<14} {'p50 µs':>8} {'p99 µs':>8} {'msgs/s':>10} {'proxy CPU-s/100k msgs':>22}")
     for name, figures in results.items():
         print(
-            f"{name:<8} {figures['p50_us']:>8.0f} {figures['p99_us']:>8.0f} {figures['msgs_per_s']:>10.0f} "
+            f"{name:<14} {figures['p50_us']:>8.0f} {figures['p99_us']:>8.0f} {figures['msgs_per_s']:>10.0f} "
             f"{figures['cpu_s_per_100k']:>22.3f}"
         )
 
