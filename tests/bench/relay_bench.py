@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import multiprocessing
 import os
 import shutil
 import signal
@@ -372,6 +373,17 @@ def start_nginx(upstream_port: int, workdir: Path) -> tuple[subprocess.Popen[byt
     return process, port, [process.pid, *map(int, children)]
 
 
+def stop_all(procs: list[subprocess.Popen[bytes]], upstream: multiprocessing.Process) -> None:
+    """SIGTERM the proxies (a graceful drain), kill what does not exit, stop the upstream."""
+    for process in procs:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    upstream.terminate()
+
+
 # -- main ------------------------------------------------------------------------------------------
 
 
@@ -410,8 +422,6 @@ def main() -> None:
     if args.quick:
         args.rounds, args.messages = args.rounds // 10, args.messages // 10
 
-    import multiprocessing
-
     upstream_port = free_port()
     upstream = multiprocessing.Process(target=run_upstream, args=(upstream_port,), daemon=True)
     upstream.start()
@@ -435,13 +445,7 @@ def main() -> None:
                     procs.append(started[0])
                     results["nginx"] = runner(measure("nginx", started[1], started[2], args))
         finally:
-            for process in procs:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-            upstream.terminate()
+            stop_all(procs, upstream)
     print(
         f"\nrelay benchmark: latency {args.rounds} round trips of 64 B; "
         f"throughput {args.connections} conns x {args.messages} msgs of {args.size} B, "

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import multiprocessing
 import resource
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from relay_bench import (  # the sibling benchmark, found through the sys.path l
     run_upstream,
     start_nginx,
     start_wsgate,
+    stop_all,
     tree_cpu_seconds,
     wait_port,
 )
@@ -97,13 +97,7 @@ def main() -> None:
                     procs.append(started[0])
                     results["nginx"] = uvloop.run(measure(started[1], started[2], args.sessions))
         finally:
-            for process in procs:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-            upstream.terminate()
+            stop_all(procs, upstream)
     print(f"\nsession benchmark: {args.sessions} sessions opened one by one and held open")
     print(f"{'target':<8} {'handshakes/s':>13} {'KiB/session':>12} {'CPU ms/handshake':>17}")
     for name, figures in results.items():
