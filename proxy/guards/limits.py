@@ -6,10 +6,21 @@ the handshake, and the gateway when the session ends.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 
 from proxy.errors import Rejection
 from proxy.guards.context import HandshakeContext
+
+
+def address_key(context: HandshakeContext) -> str:
+    """The limiter's name for the client's address: the IP itself, or its IPv6 network of
+    ``limits.ipv6_prefix`` bits."""
+    address = context.client_address
+    prefix = context.policy.limits.ipv6_prefix
+    if address is None or address.version == 4 or prefix >= 128:
+        return context.client_ip
+    return f"{ipaddress.ip_network((address, prefix), strict=False)}"
 
 
 async def check_handshake_rate(context: HandshakeContext) -> Rejection | None:
@@ -18,7 +29,7 @@ async def check_handshake_rate(context: HandshakeContext) -> Rejection | None:
     if limits.handshakes_per_ip is None:
         return None
     wait = await context.limiter.hit(
-        f"hs:{context.client_ip}", limits.handshakes_per_ip, limits.handshake_burst
+        f"hs:{address_key(context)}", limits.handshakes_per_ip, limits.handshake_burst
     )
     if wait <= 0:
         return None
@@ -33,7 +44,7 @@ async def check_connections_per_ip(context: HandshakeContext) -> Rejection | Non
     cap = context.policy.limits.connections_per_ip
     if cap is None:
         return None
-    key = f"ip:{context.client_ip}"
+    key = f"ip:{address_key(context)}"
     if not await context.limiter.acquire(key, cap):
         return Rejection(429, "conn_limit", f"at most {cap} connections per address", (("Retry-After", "1"),))
     context.slots.append(key)

@@ -314,6 +314,7 @@ def _limits(source: _Source, node: yaml.Node, path: str, base: Limits, keys: fro
         "bytes_per_connection": _byte_rate,
         "byte_burst": _size,
         "on_rate_limit": _choice("close", "drop"),
+        "ipv6_prefix": _positive_int,
     }
     changes: dict[str, Any] = {}
     for key in section.items:
@@ -337,6 +338,8 @@ def _check_limit(source: _Source, node: yaml.Node, path: str, key: str, value: A
         source.fail(node, path, "must be between 1KiB and 1MiB")
     if key in ("handshake_timeout", "upstream_connect_timeout", "close_timeout") and value <= 0:
         source.fail(node, path, "must be above zero")
+    if key == "ipv6_prefix" and not 16 <= value <= 128:
+        source.fail(node, path, "must be a prefix length between 16 and 128")
 
 
 def _upstream(source: _Source, node: yaml.Node, path: str) -> Upstream:

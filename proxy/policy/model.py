@@ -75,6 +75,9 @@ class Limits:
     byte_burst: int = 0
     #: What a session over its message or byte rate gets: closed with 1008, or its message dropped.
     on_rate_limit: Literal["close", "drop"] = "close"
+    #: Per-IP limits count an IPv6 client by this prefix: one host usually holds a whole /64, and could
+    #: otherwise take a fresh address for every handshake. 128 counts each address on its own.
+    ipv6_prefix: int = 64
 
 
 #: YAML key under ``limits`` -> field of :class:`Limits`.
@@ -95,6 +98,7 @@ LIMIT_KEYS: dict[str, str] = {
     "bytes_per_connection": "bytes_per_connection",
     "byte_burst": "byte_burst",
     "on_rate_limit": "on_rate_limit",
+    "ipv6_prefix": "ipv6_prefix",
 }
 
 #: The ``limits`` keys a route may override; the others act before a route is known or are process-wide.

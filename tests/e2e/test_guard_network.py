@@ -325,3 +325,29 @@ async def test_proxy_header_sent_in_its_own_packet(upstream, gateway, log_events
     opened = await log_events.wait_for("session.open")
     assert opened["client_ip"] == "198.51.100.77"
     writer.close()
+
+
+@pytest.mark.parametrize(("prefix", "same_64_refused"), [(None, True), (128, False)])
+async def test_ipv6_clients_are_limited_per_prefix(gateway, upstream, prefix, same_64_refused):
+    """By default one /64 is one client for the per-IP limits; ipv6_prefix: 128 counts each address."""
+    setting = f", ipv6_prefix: {prefix}" if prefix else ""
+    gw = await gateway(
+        f"""
+    trusted_proxies: [127.0.0.1/32]
+    limits: {{handshakes_per_ip: 1/m, handshake_burst: 1{setting}}}
+    routes:
+      - path: /echo
+        upstream: {upstream.url()}
+        auth: none
+    """
+    )
+
+    async def status_for(ip: str) -> int:
+        _, response = await RawClient.connect(gw.port, "/echo", {"X-Forwarded-For": ip})
+        return response.status
+
+    assert await status_for("2001:db8:1:2::1") == 101
+    assert await status_for("2001:db8:1:2::ffff:1") == (429 if same_64_refused else 101)
+    assert await status_for("2001:db8:1:3::1") == 101  # another /64
+    assert await status_for("192.0.2.1") == 101
+    assert await status_for("192.0.2.2") == 101  # IPv4 is always per address
