@@ -343,3 +343,11 @@ def free_port() -> int:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    """Every async test runs on uvloop, the loop wsgate runs on, and on asyncio's own loop, its fallback
+    where uvloop is missing: their transports differ in ways that have broken code before."""
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
