@@ -103,6 +103,7 @@ class Gateway:
         except BaseException:
             self._server.close()
             raise
+        self._prefetch_keys()
         logs.event(
             "gateway.listening",
             address=str(self.address),
@@ -137,7 +138,16 @@ class Gateway:
         )
         self.policy = policy
         self.metrics.policy_loaded(policy)
+        self._prefetch_keys()
         return enforce(self.sessions, policy)
+
+    def _prefetch_keys(self) -> None:
+        """Fetch every JWKS not fetched yet, in the background: the first handshakes need not wait for
+        it, and a wrong URL shows in the logs at start rather than at the first client."""
+        loop = asyncio.get_running_loop()
+        for verifier in self.pipeline.verifiers.values():
+            if verifier.jwks is not None and not verifier.jwks.fetched:
+                self.track(loop.create_task(verifier.jwks.refresh()))
 
     async def stop(self) -> None:
         """Graceful stop: refuse new connections, send 1001 to both sides of every session, wait up to

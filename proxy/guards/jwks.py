@@ -50,6 +50,11 @@ class JwksKeys:
         self._attempted_at = -float("inf")
         self._inflight: asyncio.Future[None] | None = None
 
+    @property
+    def fetched(self) -> bool:
+        """Whether a fetch was attempted (or is under way)."""
+        return self._inflight is not None or self._attempted_at > -float("inf")
+
     async def candidates(self, kid: str | None, algorithm: str) -> list[jwt.PyJWK]:
         """Keys that may verify a token with this ``kid`` and ``alg`` header, refetching as promised."""
         if self._inflight is not None:

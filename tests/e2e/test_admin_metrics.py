@@ -259,3 +259,37 @@ async def test_jwks_refreshes_are_counted(gateway, upstream):
         assert value(samples, "wsgate_jwks_refresh_total", provider="idp", result="error") >= 1
     finally:
         await runner.cleanup()
+
+
+async def test_jwks_is_fetched_at_start_before_any_handshake(gateway, upstream):
+    hits = {"n": 0}
+
+    async def jwks(request: web.Request) -> web.Response:
+        hits["n"] += 1
+        return web.json_response({"keys": []})
+
+    app = web.Application()
+    app.router.add_get("/jwks", jwks)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    try:
+        gw = await gateway(
+            f"""
+        auth:
+          idp: {{algorithms: [RS256], jwks_url: "http://127.0.0.1:{port}/jwks"}}
+        routes:
+          - path: /echo
+            upstream: {upstream.url()}
+            auth: idp
+        """
+        )
+        deadline = time.monotonic() + 3
+        while hits["n"] == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert hits["n"] == 1
+        samples = await scrape(gw)
+        assert value(samples, "wsgate_jwks_refresh_total", provider="idp", result="success") == 1
+    finally:
+        await runner.cleanup()
