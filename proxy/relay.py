@@ -36,6 +36,8 @@ _RSV = 0x70
 
 #: One source of masking keys per process; a leg draws one key per frame it sends upstream.
 _masks = MaskSource()
+#: Frames at least this long are handed to the transport as separate pieces rather than one joined copy.
+_SEPARATE_PIECES = 4096
 
 
 class Leg(asyncio.Protocol):
@@ -258,7 +260,7 @@ class Leg(asyncio.Protocol):
                         pos = end
                         continue
                 if checker is not None:
-                    pieces.append(self._outgoing(buf, pos, hlen, end))
+                    self._outgoing(buf, pos, hlen, end, pieces)
                 elif recv_masked:
                     new_mask = _masks.next()
                     combined = (
@@ -275,15 +277,26 @@ class Leg(asyncio.Protocol):
         self._flush(buf, pos, pieces)
         return pos
 
-    def _outgoing(self, buf: bytes | bytearray, pos: int, hlen: int, end: int) -> bytes:
-        """A frame as the other side must get it: re-masked towards the upstream, unchanged to a client."""
+    def _outgoing(
+        self, buf: bytes | bytearray, pos: int, hlen: int, end: int, pieces: list[bytes | bytearray]
+    ) -> None:
+        """Add a frame as the other side must get it: re-masked towards the upstream, unchanged to a
+        client. A large frame's header, key and payload stay separate pieces: joining them would copy the
+        payload."""
         if not self._recv_masked:
-            return bytes(buf[pos:end])
+            pieces.append(bytes(buf[pos:end]))
+            return
         new_mask = _masks.next()
         combined = (
             int.from_bytes(buf[pos + hlen - 4 : pos + hlen], "little") ^ int.from_bytes(new_mask, "little")
         ).to_bytes(4, "little")
-        return bytes(buf[pos : pos + hlen - 4]) + new_mask + apply_mask(buf[pos + hlen : end], combined)
+        masked = apply_mask(buf[pos + hlen : end], combined)
+        if end - pos < _SEPARATE_PIECES:
+            pieces.append(bytes(buf[pos : pos + hlen - 4]) + new_mask + masked)
+        else:
+            pieces.append(bytes(buf[pos : pos + hlen - 4]))
+            pieces.append(new_mask)
+            pieces.append(masked)
 
     def _checked_message(
         self,
@@ -324,7 +337,7 @@ class Leg(asyncio.Protocol):
             else:
                 verdict = checker.check_size(end - pos - hlen, now)
             if verdict is None:
-                pieces.append(self._outgoing(buf, pos, hlen, end))
+                self._outgoing(buf, pos, hlen, end, pieces)
                 return
             if not checker.drops(verdict):
                 raise ProtocolError(verdict[1], verdict[0])
@@ -354,7 +367,13 @@ class Leg(asyncio.Protocol):
     def _flush(self, buf: bytes | bytearray, pos: int, pieces: list[bytes | bytearray]) -> None:
         """Write what :meth:`_relay_frames` accepted so far to the other side, in one call."""
         if self._recv_masked or self.checker is not None:
-            if pieces:
+            if len(pieces) == 1:
+                self.peer.transport.write(pieces[0])
+            elif len(pieces) <= 16:
+                # a few (large) frames: hand the pieces over without copying them into one buffer
+                self.peer.transport.writelines(pieces)
+            elif pieces:
+                # many small frames: one joined write is cheaper than many pieces
                 self.peer.transport.write(b"".join(pieces))
         elif pos:
             # Server frames travel unchanged: everything consumed so far is one contiguous run.
