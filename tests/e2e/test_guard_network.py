@@ -11,6 +11,12 @@ import pytest
 from wsraw import RawClient
 
 
+async def status_for(gw, ip: str) -> int:
+    """The status a handshake gets when a trusted proxy says it comes from ``ip``."""
+    _, response = await RawClient.connect(gw.port, "/echo", {"X-Forwarded-For": ip})
+    return response.status
+
+
 def reason_of(response) -> str:
     return json.loads(response.body)["error"]
 
@@ -31,15 +37,11 @@ async def test_firewall_first_match_wins_then_default(gateway, upstream, log_eve
     """
     )
 
-    async def status_for(ip: str) -> int:
-        _, response = await RawClient.connect(gw.port, "/echo", {"X-Forwarded-For": ip})
-        return response.status
-
-    assert await status_for("10.2.3.4") == 101
-    assert await status_for("2001:db8::1") == 101
-    assert await status_for("10.1.2.3") == 403  # the deny rule comes first
-    assert await status_for("192.0.2.1") == 403  # no rule: default deny
-    assert await status_for("2001:db9::1") == 403
+    assert await status_for(gw, "10.2.3.4") == 101
+    assert await status_for(gw, "2001:db8::1") == 101
+    assert await status_for(gw, "10.1.2.3") == 403  # the deny rule comes first
+    assert await status_for(gw, "192.0.2.1") == 403  # no rule: default deny
+    assert await status_for(gw, "2001:db9::1") == 403
     rejected = await log_events.wait_for("handshake.rejected", client_ip="10.1.2.3")
     assert (rejected["status"], rejected["reason"]) == (403, "firewall")
     assert len(upstream.records) == 2
@@ -342,12 +344,8 @@ async def test_ipv6_clients_are_limited_per_prefix(gateway, upstream, prefix, sa
     """
     )
 
-    async def status_for(ip: str) -> int:
-        _, response = await RawClient.connect(gw.port, "/echo", {"X-Forwarded-For": ip})
-        return response.status
-
-    assert await status_for("2001:db8:1:2::1") == 101
-    assert await status_for("2001:db8:1:2::ffff:1") == (429 if same_64_refused else 101)
-    assert await status_for("2001:db8:1:3::1") == 101  # another /64
-    assert await status_for("192.0.2.1") == 101
-    assert await status_for("192.0.2.2") == 101  # IPv4 is always per address
+    assert await status_for(gw, "2001:db8:1:2::1") == 101
+    assert await status_for(gw, "2001:db8:1:2::ffff:1") == (429 if same_64_refused else 101)
+    assert await status_for(gw, "2001:db8:1:3::1") == 101  # another /64
+    assert await status_for(gw, "192.0.2.1") == 101
+    assert await status_for(gw, "192.0.2.2") == 101  # IPv4 is always per address
