@@ -23,7 +23,7 @@ from proxy.listener import HandshakeProtocol, http_response
 from proxy.metrics import NO_ROUTE, Metrics, build_registry
 from proxy.policy.model import Address, Policy, TlsListen
 from proxy.relay import start_relay
-from proxy.reload import Reloader, enforce, refusal_for
+from proxy.reload import Reloader, enforce
 from proxy.request import HandshakeRequest
 from proxy.sessions import Session, SessionRegistry
 from proxy.upstream import connect_upstream, forget_tls_contexts
@@ -313,9 +313,9 @@ class Gateway:
             upstream.pending,
             upstream.handshake.lost,
         )
-        if pipeline is not self.pipeline and refusal_for(session, self.policy) is not None:
-            # The policy was reloaded while this handshake was in flight, and the new one refuses it.
-            session.close(1008, "policy changed", 1008, "policy changed")
+        if pipeline is not self.pipeline:
+            # The policy was reloaded while this handshake was in flight: judge it by the new one too.
+            enforce((session,), self.policy)
 
     def track(self, task: asyncio.Task[Any]) -> None:
         """Keep a reference to a background task until it is done."""
@@ -367,10 +367,7 @@ async def serve(
 
         def apply(new: Policy) -> int:
             if new.log != gateway.policy.log:
-                settings = new.log
-                logs.configure(
-                    log_format or settings.format, log_level or settings.level, settings.error_file
-                )
+                logs.apply_settings(new.log, log_format, log_level)
             return gateway.apply_policy(new)
 
         reloader = Reloader(

@@ -85,38 +85,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class ArgumentError(Exception):
+    """A command-line value that argparse accepts but that is not usable (an IP, a JSON object)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``wsgate`` and ``python -m proxy``; returns the exit code."""
     args = build_parser().parse_args(argv)
-    if args.command == "check":
-        try:
-            policy = load_policy(args.config)
-        except PolicyError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        print(f"ok: {args.config}: {len(policy.routes)} route(s), sha256 {policy.sha256[:12]}")
-        return 0
-    if args.command == "explain":
-        return _explain(args)
-    if args.command == "serve":
-        try:
-            policy = load_policy(args.config)
-        except PolicyError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        logs.configure(
-            args.log_format or policy.log.format, args.log_level or policy.log.level, policy.log.error_file
-        )
-        from proxy.app import serve
+    commands = {"check": _check, "serve": _serve, "demo": _demo, "explain": _explain}
+    try:
+        return commands[args.command](args)
+    except (PolicyError, StartupError, ArgumentError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
-        try:
-            return _run(serve(policy, log_format=args.log_format, log_level=args.log_level))
-        except StartupError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-    logs.configure(args.log_format or "auto", args.log_level or "info")
+
+def _check(args: argparse.Namespace) -> int:
+    policy = load_policy(args.config)
+    print(f"ok: {args.config}: {len(policy.routes)} route(s), sha256 {policy.sha256[:12]}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from proxy.app import serve
+
+    policy = load_policy(args.config)
+    logs.apply_settings(policy.log, args.log_format, args.log_level)
+    return _run(serve(policy, log_format=args.log_format, log_level=args.log_level))
+
+
+def _demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo
 
+    logs.configure(args.log_format or "auto", args.log_level or "info")
     return _run(run_demo(args.listen))
 
 
@@ -126,26 +127,19 @@ def _explain(args: argparse.Namespace) -> int:
 
     from proxy.explain import explain
 
-    try:
-        policy = load_policy(args.config)
-    except PolicyError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    policy = load_policy(args.config)
     try:
         client_ip = str(ipaddress.ip_address(args.ip))
     except ValueError:
-        print(f"error: --ip: not an IP address: {args.ip!r}", file=sys.stderr)
-        return 1
+        raise ArgumentError(f"--ip: not an IP address: {args.ip!r}") from None
     claims = None
     if args.claims is not None:
         try:
             claims = json.loads(args.claims)
         except ValueError as error:
-            print(f"error: --claims: not JSON: {error}", file=sys.stderr)
-            return 1
+            raise ArgumentError(f"--claims: not JSON: {error}") from None
         if not isinstance(claims, dict):
-            print("error: --claims: expected a JSON object", file=sys.stderr)
-            return 1
+            raise ArgumentError("--claims: expected a JSON object")
     logs.configure("text", "warning")
 
     async def judge() -> int:

@@ -11,7 +11,10 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from proxy.policy.model import LogSettings
 
 LOGGER = logging.getLogger("wsgate")
 
@@ -74,6 +77,14 @@ def configure(log_format: LogFormat = "auto", level: str = "info", error_file: P
     LOGGER.handlers[:] = handlers
     LOGGER.setLevel(level.upper())
     LOGGER.propagate = False
+
+
+def apply_settings(
+    settings: LogSettings, log_format: LogFormat | None = None, level: str | None = None
+) -> None:
+    """Configure logging from a policy's ``log`` section; ``log_format``/``level`` (the command line's)
+    win when given."""
+    configure(log_format or settings.format, level or settings.level, settings.error_file)
 
 
 def event(name: str, level: int = logging.INFO, **fields: Any) -> None:

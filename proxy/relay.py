@@ -240,11 +240,7 @@ class Leg(asyncio.Protocol):
                     break
                 if opcode == _CLOSE:
                     self._flush(buf, pos, pieces)
-                    if recv_masked:
-                        payload = apply_mask(buf[pos + hlen : end], bytes(buf[pos + hlen - 4 : pos + hlen]))
-                    else:
-                        payload = bytes(buf[pos + hlen : end])
-                    self._handle_close(payload)
+                    self._handle_close(self._payload(buf, pos, hlen, end))
                     return end
                 if not opcode & 0x8:
                     if b0 & _FIN:
@@ -259,17 +255,9 @@ class Leg(asyncio.Protocol):
                         self._checked_message(b0, opcode, buf, pos, hlen, end, now, pieces)
                         pos = end
                         continue
-                if checker is not None:
+                if recv_masked or checker is not None:
+                    # (Server frames with no checker need nothing here: _flush writes them as one run.)
                     self._outgoing(buf, pos, hlen, end, pieces)
-                elif recv_masked:
-                    new_mask = _masks.next()
-                    combined = (
-                        int.from_bytes(buf[pos + hlen - 4 : pos + hlen], "little")
-                        ^ int.from_bytes(new_mask, "little")
-                    ).to_bytes(4, "little")
-                    pieces.append(bytes(buf[pos : pos + hlen - 4]))
-                    pieces.append(new_mask)
-                    pieces.append(apply_mask(buf[pos + hlen : end], combined))
                 pos = end
         except ProtocolError:
             self._flush(buf, pos, pieces)
@@ -321,9 +309,7 @@ class Leg(asyncio.Protocol):
             self._message_opcode = opcode
             verdict = checker.first_frame(opcode)
             if verdict is not None:
-                if not checker.drops(verdict):
-                    raise ProtocolError(verdict[1], verdict[0])
-                checker.dropped += 1
+                self._refuse(checker, verdict)
                 self._dropping = True
         if self._dropping:
             if b0 & _FIN:
@@ -338,10 +324,8 @@ class Leg(asyncio.Protocol):
                 verdict = checker.check_size(end - pos - hlen, now)
             if verdict is None:
                 self._outgoing(buf, pos, hlen, end, pieces)
-                return
-            if not checker.drops(verdict):
-                raise ProtocolError(verdict[1], verdict[0])
-            checker.dropped += 1
+            else:
+                self._refuse(checker, verdict)
             return
         self._fragments.append(self._payload(buf, pos, hlen, end))
         if not b0 & _FIN:
@@ -349,14 +333,22 @@ class Leg(asyncio.Protocol):
         payload = b"".join(self._fragments)
         self._fragments = []
         verdict = checker.check(self._message_opcode, payload, now)
-        if verdict is not None:
-            if not checker.drops(verdict):
-                raise ProtocolError(verdict[1], verdict[0])
-            checker.dropped += 1
-            return
-        pieces.append(
-            encode_frame(self._message_opcode, payload, _masks.next() if self._recv_masked else None)
-        )
+        if verdict is None:
+            mask = _masks.next() if self._recv_masked else None
+            pieces.append(encode_frame(self._message_opcode, payload, mask))
+        else:
+            self._refuse(checker, verdict)
+
+    @staticmethod
+    def _refuse(checker: MessageChecker, verdict: tuple[int, str]) -> None:
+        """A message broke a rule: count it as dropped, or raise to close the offender.
+
+        Raises:
+            ProtocolError: the rule is in "close" mode.
+        """
+        if not checker.drops(verdict):
+            raise ProtocolError(verdict[1], verdict[0])
+        checker.dropped += 1
 
     def _payload(self, buf: bytes | bytearray, pos: int, hlen: int, end: int) -> bytes | bytearray:
         """A frame's payload, unmasked."""

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from proxy import logs
 from proxy.errors import PolicyError
-from proxy.guards.origin import origin_allowed
-from proxy.guards.token import claims_allowed
+from proxy.guards.firewall import firewall_allows
+from proxy.guards.origin import origin_refusal
+from proxy.guards.token import claims_allowed, is_revoked
 from proxy.metrics import Metrics
 from proxy.policy.load import load_policy
 from proxy.policy.model import Policy
@@ -38,30 +39,18 @@ def refusal_for(session: Session, policy: Policy) -> str | None:
     route = policy.match_route(session.request_path)
     if route is None:
         return "route removed"
-    client_ip = session.client_ip
-    if not policy.firewall.allows_text(client_ip) or (
-        route.firewall is not None and not route.firewall.allows_text(client_ip)
-    ):
+    if not firewall_allows(policy, route, session.client_ip):
         return "firewall"
-    origin = session.origin
-    if route.origins:  # as the handshake's origin guard: no list, no check
-        if origin is None:
-            if not route.allow_missing_origin:
-                return "origin"
-        elif not origin_allowed(origin, route.origins):
-            return "origin"
+    if origin_refusal(route, session.origin) is not None:
+        return "origin"
     identity = session.identity
     if route.auth is not None:
         if identity is None or identity.provider != route.auth:
             return "auth"
         if claims_allowed(identity.claims, policy.provider(route.auth).required_claims) is not None:
             return "claims"
-    if identity is not None:
-        revoked = policy.revoked
-        if (identity.subject is not None and identity.subject in revoked.subjects) or (
-            identity.token_id is not None and identity.token_id in revoked.token_ids
-        ):
-            return "revoked"
+    if identity is not None and is_revoked(identity, policy.revoked):
+        return "revoked"
     return None
 
 

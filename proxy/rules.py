@@ -94,11 +94,10 @@ class MessageChecker:
 
     def check(self, opcode: int, payload: bytes | bytearray, now: float) -> Verdict:
         """Check one whole message (unmasked payload) arriving at ``now`` (monotonic seconds)."""
-        if self._messages_per_second is not None or self._bytes_per_second is not None:
-            verdict = self._take(len(payload), now)
-            if verdict is not None:
-                return verdict
-        if opcode == _TEXT and (self._utf8 or self._json or self._schema is not None):
+        verdict = self.check_size(len(payload), now)
+        if verdict is not None:
+            return verdict
+        if self.reads_payload(opcode):
             try:
                 text = payload.decode("utf-8")
             except UnicodeDecodeError:

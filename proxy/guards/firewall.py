@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from proxy.errors import Rejection
 from proxy.guards.context import HandshakeContext
+from proxy.policy.model import IPAddress, Policy, Route
+
+
+def firewall_allows(policy: Policy, route: Route, client_ip: str, address: IPAddress | None = None) -> bool:
+    """Whether both the policy's and the route's firewall allow ``client_ip`` (``address`` is its parsed
+    form, when the caller has it). Used at the handshake and again for live sessions on reload."""
+    route_firewall = route.firewall
+    if address is None:
+        return policy.firewall.allows_text(client_ip) and (
+            route_firewall is None or route_firewall.allows_text(client_ip)
+        )
+    return policy.firewall.allows(address) and (route_firewall is None or route_firewall.allows(address))
 
 
 def check_firewall(context: HandshakeContext) -> Rejection | None:
     """403 ``firewall`` unless both the policy's and the route's firewall allow the client IP."""
-    ip = context.client_address
-    route_firewall = context.route.firewall
-    if ip is None:
-        allowed = context.policy.firewall.allows_text(context.client_ip) and (
-            route_firewall is None or route_firewall.allows_text(context.client_ip)
-        )
-    else:
-        allowed = context.policy.firewall.allows(ip) and (route_firewall is None or route_firewall.allows(ip))
-    if allowed:
+    if firewall_allows(context.policy, context.route, context.client_ip, context.client_address):
         return None
     return Rejection(403, "firewall", "client address not allowed")

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from proxy.errors import Rejection
 from proxy.guards.context import HandshakeContext
-from proxy.policy.model import OriginPattern
+from proxy.policy.model import OriginPattern, Route
 
 
 def origin_allowed(origin: str, patterns: tuple[OriginPattern, ...]) -> bool:
@@ -26,16 +26,17 @@ def origin_allowed(origin: str, patterns: tuple[OriginPattern, ...]) -> bool:
     return any(pattern.matches(split.scheme, host, port) for pattern in patterns)
 
 
-def check_origin(context: HandshakeContext) -> Rejection | None:
-    """403 ``origin`` when the route lists origins and the handshake's Origin is not one of them."""
-    route = context.route
+def origin_refusal(route: Route, origin: str | None) -> str | None:
+    """Why ``route`` refuses a handshake with this ``Origin`` header (None: allowed). A route without an
+    ``origins`` list checks nothing. Used at the handshake and again for live sessions on reload."""
     if not route.origins:
         return None
-    origin = context.request.header("origin")
     if origin is None:
-        if route.allow_missing_origin:
-            return None
-        return Rejection(403, "origin", "an Origin header is required on this route")
-    if origin_allowed(origin, route.origins):
-        return None
-    return Rejection(403, "origin", "origin not allowed")
+        return None if route.allow_missing_origin else "an Origin header is required on this route"
+    return None if origin_allowed(origin, route.origins) else "origin not allowed"
+
+
+def check_origin(context: HandshakeContext) -> Rejection | None:
+    """403 ``origin`` when the route lists origins and the handshake's Origin is not one of them."""
+    why = origin_refusal(context.route, context.request.header("origin"))
+    return None if why is None else Rejection(403, "origin", why)

@@ -21,7 +21,7 @@ import jwt
 from proxy.errors import Rejection
 from proxy.guards.context import HandshakeContext, Identity
 from proxy.guards.jwks import JwksKeys
-from proxy.policy.model import AuthProvider, ClaimRule
+from proxy.policy.model import AuthProvider, ClaimRule, Revocation
 from proxy.request import HandshakeRequest
 
 _CHALLENGE = 'Bearer realm="wsgate"'
@@ -252,14 +252,17 @@ async def check_token(context: HandshakeContext) -> Rejection | None:
     return None
 
 
+def is_revoked(identity: Identity, revoked: Revocation) -> bool:
+    """Whether the policy lists the token's subject or id. Used at the handshake and again for live
+    sessions on reload."""
+    return (identity.subject is not None and identity.subject in revoked.subjects) or (
+        identity.token_id is not None and identity.token_id in revoked.token_ids
+    )
+
+
 def check_revocation(context: HandshakeContext) -> Rejection | None:
     """401 ``revoked`` for a token whose subject or id the policy lists."""
     identity = context.identity
-    if identity is None:
-        return None
-    revoked = context.policy.revoked
-    if identity.subject is not None and identity.subject in revoked.subjects:
-        return _unauthorized("revoked", "token revoked")
-    if identity.token_id is not None and identity.token_id in revoked.token_ids:
+    if identity is not None and is_revoked(identity, context.policy.revoked):
         return _unauthorized("revoked", "token revoked")
     return None
