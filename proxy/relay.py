@@ -1,153 +1,152 @@
 """The relay: after the 101, frames flow between the client and the upstream through two :class:`Leg` s.
 
-Each leg is the asyncio protocol of one connection. It parses the frames its side sends, checks them, and
-writes them to the other side's transport in one call per ``data_received``:
+Each leg is the asyncio protocol of one connection and a thin adapter over the sans-I/O frame core
+(:class:`proxy.protocol.FrameReader`): it feeds the core what its side sends, writes what the core returns
+to the other side's transport in one call, and does what the core asks for: close frames, the close
+handshake, a lingering close for an offender. It also keeps the time: the close timeout and keepalive.
 
-* upstream -> client frames are forwarded byte for byte (server frames are unmasked on both hops);
-* client -> upstream frames are re-masked with a fresh key (one XOR with the combined key), since a
-  gateway must not let a client choose the bytes that travel on the upstream's wire.
+* Backpressure is TCP's own: when a transport's write buffer passes its high-water mark, the other side's
+  reading is paused until it drains, so a slow reader slows the sender instead of growing memory.
+* Close frames are carried across unchanged (code and reason), each side's close handshake is completed,
+  and a side that vanishes without one is reported to the other with 1011 (upstream lost) or 1001 (client
+  gone).
+* A side that broke a limit, a rule or the protocol gets its close code, and is then read (and what it
+  sends discarded) until its own close frame arrives or ``close_timeout`` passes: closing the socket while
+  it still sends would make its kernel answer with a reset that destroys the close frame unread.
+* Keepalive: a side that sent nothing for ``ping_interval`` is pinged; no answer within ``ping_timeout``
+  means it is gone: it gets 1011 ``keepalive timeout`` and its socket is cut at once, the other side 1001.
+  The gateway's pongs are consumed; the peers' own pings and pongs cross.
 
-Messages are never decoded, re-encoded or reassembled: fragments are forwarded as they come and the receiver
-reassembles them, while the leg tracks the message's running size. Backpressure is TCP's own: when a
-transport's write buffer fills, the other side's reading is paused until it drains, so a slow reader slows
-the sender instead of growing memory; a leg buffers at most one frame (bounded by ``max_message_size``).
-
-Close frames are carried across unchanged (code and reason), each side's close handshake is completed, and a
-side that vanishes without one is reported to the other with 1011 (upstream lost) or 1001 (client gone).
 The relay knows nothing of tokens or policy beyond the numbers in :class:`proxy.policy.model.Limits`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import time
 
 from proxy import logs
 from proxy.errors import CloseCode
-from proxy.frames import MaskSource, ProtocolError, apply_mask, close_payload, encode_frame, parse_close
-from proxy.policy.model import MessageRate, MessageRules
+from proxy.frames import close_payload
+from proxy.policy.model import Limits, MessageRate, MessageRules
+from proxy.protocol import Events, FrameReader
 from proxy.rules import MessageChecker
 from proxy.sessions import Session
 
 _monotonic = time.monotonic
 _CLOSE = 0x8
-_FIN = 0x80
-_RSV = 0x70
-
-#: One source of masking keys per process; a leg draws one key per frame it sends upstream.
-_masks = MaskSource()
-#: Frames at least this long are handed to the transport as separate pieces rather than one joined copy.
-_SEPARATE_PIECES = 4096
 
 
 class Leg(asyncio.Protocol):
-    """One connection of a session: reads its side's frames and writes them to the peer leg's transport."""
+    """One connection of a session: feeds its side's bytes to a :class:`FrameReader` and writes what it
+    returns to the peer leg's transport."""
 
     __slots__ = (
-        "_buffer",
         "_close_timer",
-        "_dropping",
-        "_fragments",
-        "_in_message",
-        "_max_message_bytes",
-        "_message_bytes",
-        "_message_opcode",
-        "_recv_masked",
-        "bytes",
-        "checker",
+        "_keepalive",
+        "_ping_sent_at",
         "close_received",
         "close_sent",
+        "last_received",
         "lost",
-        "messages",
         "name",
-        "oversized",
         "peer",
+        "reader",
         "session",
         "throttled",
         "transport",
     )
 
     def __init__(
-        self,
-        session: Session,
-        name: str,
-        transport: asyncio.Transport,
-        max_message_bytes: int,
-        checker: MessageChecker | None = None,
+        self, session: Session, name: str, transport: asyncio.Transport, reader: FrameReader
     ) -> None:
         self.session = session
         #: "client" or "upstream": the side this leg reads from.
         self.name = name
         self.transport = transport
         self.peer: Leg
-        #: Frames from a client are masked (RFC 6455 5.3); frames from a server are not.
-        self._recv_masked = name == "client"
-        self._max_message_bytes = max_message_bytes
-        #: The direction's message rules, or None when nothing but frame syntax and size is checked.
-        self.checker = checker
-        self._fragments: list[bytes | bytearray] = []
-        self._message_opcode = 0
-        self._dropping = False
-        self._buffer = bytearray()
-        self._in_message = False
-        self._message_bytes = 0
-        #: Data messages and payload bytes received from this side.
-        self.messages = 0
-        self.bytes = 0
-        #: Whether this side was closed for a message over the size limit (a "size" violation).
-        self.oversized = False
+        self.reader = reader
         #: Whether reading from this side is paused because the other side's write buffer is full.
         self.throttled = False
         self.close_received = False
         self.close_sent = False
         self.lost = False
+        #: When this side last sent any byte (monotonic): keepalive pings only a quiet side.
+        self.last_received = _monotonic()
+        self._ping_sent_at = 0.0
         self._close_timer: asyncio.TimerHandle | None = None
+        self._keepalive: asyncio.TimerHandle | None = None
+
+    # -- the counters metrics and logs read -------------------------------------------------------
+
+    @property
+    def messages(self) -> int:
+        """Data messages received from this side."""
+        return self.reader.messages
+
+    @property
+    def bytes(self) -> int:
+        """Payload bytes received from this side."""
+        return self.reader.bytes
+
+    @property
+    def checker(self) -> MessageChecker | None:
+        """The message rules of this side's direction."""
+        return self.reader.checker
+
+    @property
+    def oversized(self) -> bool:
+        """Whether this side was closed for a message over the size or fragment limit."""
+        return self.reader.oversized
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
-    def data_received(self, data: bytes) -> None:
-        """Parse every whole frame in ``data``, forward the good ones in one write, act on the rest."""
-        now = self.session.last_activity = _monotonic()
+    def data_received(self, data: builtins.bytes) -> None:
+        """Feed the core, write what it returns to the other side in one call, act on what it found."""
+        now = self.last_received = _monotonic()
         if self.close_received:
             return  # nothing may follow a close frame (RFC 6455 5.5.1)
-        if self._buffer:
-            self._buffer += data
-            buf: bytes | bytearray = self._buffer
-        else:
-            buf = data
-        if self.close_sent or self.peer.close_sent:
-            pos = self._skip_until_close(buf)
-        else:
-            try:
-                pos = self._relay_frames(buf, now)
-            except ProtocolError as error:
-                self._fail(error.code, str(error))
-                return
-            except Exception:  # noqa: BLE001 - a bug must cost this session, never the process
-                fields = {"request_id": self.session.request_id, "side": self.name}
-                logs.LOGGER.exception("relay.error", extra={"fields": fields})
-                self._fail(CloseCode.INTERNAL_ERROR, "internal error")
-                return
-        if self.lost or self.close_received:
+        reader = self.reader
+        try:
+            pieces = reader.receive_data(data, now)
+        except Exception:  # noqa: BLE001 - a bug must cost this session, never the process
+            fields = {"request_id": self.session.request_id, "side": self.name}
+            logs.LOGGER.exception("relay.error", extra={"fields": fields})
+            self.fail(CloseCode.INTERNAL_ERROR, "internal error")
             return
-        if buf is self._buffer:
-            del self._buffer[:pos]
-        elif pos < len(buf):
-            self._buffer += memoryview(buf)[pos:]
+        if pieces and not self.peer.lost:
+            transport = self.peer.transport
+            if len(pieces) == 1:
+                transport.write(pieces[0])
+            elif len(pieces) <= 16:
+                # a few (large) pieces: handed over without copying them into one buffer
+                transport.writelines(pieces)
+            else:
+                # many small frames: one joined write is cheaper than many pieces
+                transport.write(b"".join(pieces))
+        events = reader.events
+        if events:
+            if events & Events.FAIL:
+                self.fail(reader.fail_code, reader.fail_reason)
+            if events & Events.CLOSE:
+                self._close_received()
 
     def pause_writing(self) -> None:
         """Our transport's buffer is full: stop reading from the side that fills it."""
-        self.peer.throttled = True
-        peer_transport = self.peer.transport
-        if not peer_transport.is_closing():
-            peer_transport.pause_reading()
+        peer = self.peer
+        if peer.reader.discarding or peer.lost:
+            return  # what it sends is discarded, not written here: keep reading it
+        peer.throttled = True
+        peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
         """Our transport drained: read from the other side again."""
-        self.peer.throttled = False
-        peer_transport = self.peer.transport
-        if not peer_transport.is_closing():
-            peer_transport.resume_reading()
+        peer = self.peer
+        if peer.throttled:
+            peer.throttled = False
+            if not peer.lost:
+                peer.transport.resume_reading()
 
     def eof_received(self) -> bool:
         """A half-close ends the leg like a reset; returning False lets asyncio close the transport."""
@@ -156,8 +155,7 @@ class Leg(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """The connection is gone: tell the peer if it did not learn it from a close frame, then settle."""
         self.lost = True
-        self._cancel_close_timer()
-        self._buffer = bytearray()
+        self._cancel_timers()
         peer = self.peer
         if not peer.lost and not peer.close_sent:
             if self.close_received:
@@ -172,213 +170,58 @@ class Leg(asyncio.Protocol):
             peer.transport.close()
         self.session.leg_lost()
 
-    # -- frames ------------------------------------------------------------------------
+    # -- keepalive ----------------------------------------------------------------------------------
 
-    def _relay_frames(self, buf: bytes | bytearray, now: float) -> int:
-        """Forward the whole frames at the start of ``buf``; return how many bytes were consumed.
+    def start_keepalive(self) -> None:
+        """Arm the keepalive timer (when the route's ``ping_interval`` is not 0)."""
+        interval = self.session.route.limits.ping_interval
+        if interval > 0:
+            self._keepalive = self.session.loop.call_later(interval, self._keepalive_due)
 
-        Written for speed: this loop runs per frame, so it reads the header with indexing and integer
-        arithmetic, and writes once at the end.
-
-        Raises:
-            ProtocolError: the side broke RFC 6455 or a limit; frames before the bad one were forwarded.
-        """
-        size = len(buf)
-        pos = 0
-        recv_masked = self._recv_masked
-        mask_bit = 0x80 if recv_masked else 0
-        max_bytes = self._max_message_bytes
-        checker = self.checker
-        pieces: list[bytes | bytearray] = []
-        try:
-            while size - pos >= 2:
-                b0 = buf[pos]
-                b1 = buf[pos + 1]
-                length = b1 & 0x7F
-                hlen = 2
-                if length == 126:
-                    if size - pos < 4:
-                        break
-                    length = (buf[pos + 2] << 8) | buf[pos + 3]
-                    hlen = 4
-                elif length == 127:
-                    if size - pos < 10:
-                        break
-                    length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
-                    hlen = 10
-                if (b1 & 0x80) != mask_bit:
-                    raise ProtocolError(
-                        "unmasked frame from the client" if recv_masked else "masked frame from the upstream"
-                    )
-                if recv_masked:
-                    hlen += 4
-                if b0 & _RSV:
-                    raise ProtocolError("reserved bits set, but no extension was negotiated")
-                opcode = b0 & 0x0F
-                if opcode & 0x8:
-                    if not b0 & _FIN or length > 125:
-                        raise ProtocolError("control frame fragmented or longer than 125 bytes")
-                    if opcode > 0xA:
-                        raise ProtocolError(f"unknown opcode {opcode}")
-                else:
-                    if opcode == 0:
-                        if not self._in_message:
-                            raise ProtocolError("continuation frame outside a message")
-                        total = self._message_bytes + length
-                    elif opcode > 2:
-                        raise ProtocolError(f"unknown opcode {opcode}")
-                    elif self._in_message:
-                        raise ProtocolError("new message before the previous one ended")
-                    else:
-                        total = length
-                    if total > max_bytes:
-                        raise ProtocolError(
-                            f"message larger than {max_bytes} bytes", CloseCode.MESSAGE_TOO_BIG
-                        )
-                end = pos + hlen + length
-                if end > size:
-                    break
-                if opcode == _CLOSE:
-                    self._flush(buf, pos, pieces)
-                    self._handle_close(self._payload(buf, pos, hlen, end))
-                    return end
-                if not opcode & 0x8:
-                    if b0 & _FIN:
-                        self._in_message = False
-                        self._message_bytes = 0
-                        self.messages += 1
-                    else:
-                        self._in_message = True
-                        self._message_bytes = total
-                    self.bytes += length
-                    if checker is not None:
-                        self._checked_message(b0, opcode, buf, pos, hlen, end, now, pieces)
-                        pos = end
-                        continue
-                if recv_masked or checker is not None:
-                    # (Server frames with no checker need nothing here: _flush writes them as one run.)
-                    self._outgoing(buf, pos, hlen, end, pieces)
-                pos = end
-        except ProtocolError:
-            self._flush(buf, pos, pieces)
-            raise
-        self._flush(buf, pos, pieces)
-        return pos
-
-    def _outgoing(
-        self, buf: bytes | bytearray, pos: int, hlen: int, end: int, pieces: list[bytes | bytearray]
-    ) -> None:
-        """Add a frame as the other side must get it: re-masked towards the upstream, unchanged to a
-        client. A large frame's header, key and payload stay separate pieces: joining them would copy the
-        payload."""
-        if not self._recv_masked:
-            pieces.append(bytes(buf[pos:end]))
+    def _keepalive_due(self) -> None:
+        """The timer: ping a side quiet for ``ping_interval``; judge one that was pinged."""
+        self._keepalive = None
+        if self.lost or self.close_sent or self.close_received:
             return
-        new_mask = _masks.next()
-        combined = (
-            int.from_bytes(buf[pos + hlen - 4 : pos + hlen], "little") ^ int.from_bytes(new_mask, "little")
-        ).to_bytes(4, "little")
-        masked = apply_mask(buf[pos + hlen : end], combined)
-        if end - pos < _SEPARATE_PIECES:
-            pieces.append(bytes(buf[pos : pos + hlen - 4]) + new_mask + masked)
+        limits: Limits = self.session.route.limits
+        loop = self.session.loop
+        now = _monotonic()
+        if self.reader.ping_payload is not None and self._ping_sent_at:
+            # A ping is out and ping_timeout has passed. Bytes after the ping prove the side is there
+            # (its pong may wait behind them), and so does a side the gateway stopped reading.
+            if self.last_received <= self._ping_sent_at and not self.throttled:
+                self._keepalive_timeout()
+                return
+            self._ping_sent_at = 0.0
+        quiet_for = now - self.last_received
+        if quiet_for < limits.ping_interval:
+            self._keepalive = loop.call_later(limits.ping_interval - quiet_for, self._keepalive_due)
+            return
+        self.transport.write(self.reader.ping())
+        if limits.ping_timeout > 0:
+            self._ping_sent_at = now
+            self._keepalive = loop.call_later(limits.ping_timeout, self._keepalive_due)
         else:
-            pieces.append(bytes(buf[pos : pos + hlen - 4]))
-            pieces.append(new_mask)
-            pieces.append(masked)
+            self._keepalive = loop.call_later(limits.ping_interval, self._keepalive_due)
 
-    def _checked_message(
-        self,
-        b0: int,
-        opcode: int,
-        buf: bytes | bytearray,
-        pos: int,
-        hlen: int,
-        end: int,
-        now: float,
-        pieces: list[bytes | bytearray],
-    ) -> None:
-        """A data frame under message rules: fragments are gathered so the whole message is checked, then
-        forwarded as one frame, dropped and counted, or refused (the offender is closed).
+    def _keepalive_timeout(self) -> None:
+        """No answer to a ping: the peer is gone. Say so (it will likely never read it) and cut the socket;
+        the other side gets a going-away."""
+        self.session.note_close("gateway", CloseCode.INTERNAL_ERROR, "keepalive timeout")
+        self.close_sent = True
+        goodbye = close_payload(CloseCode.INTERNAL_ERROR, "keepalive timeout")
+        self.transport.write(self.reader.frame_to_side(_CLOSE, goodbye))
+        self.peer.send_close(CloseCode.GOING_AWAY, f"{self.name} did not answer a ping")
+        self.transport.abort()
 
-        Raises:
-            ProtocolError: a rule in "close" mode was broken.
-        """
-        checker = self.checker
-        assert checker is not None
-        if opcode:
-            self._message_opcode = opcode
-            verdict = checker.first_frame(opcode)
-            if verdict is not None:
-                self._refuse(checker, verdict)
-                self._dropping = True
-        if self._dropping:
-            if b0 & _FIN:
-                self._dropping = False
-            return
-        if b0 & _FIN and not self._fragments:
-            # A whole message in one frame: judged (unmasked only if a rule reads its bytes) and, if it
-            # passes, forwarded as it came, re-masked towards the upstream.
-            if checker.reads_payload(opcode):
-                verdict = checker.check(opcode, self._payload(buf, pos, hlen, end), now)
-            else:
-                verdict = checker.check_size(end - pos - hlen, now)
-            if verdict is None:
-                self._outgoing(buf, pos, hlen, end, pieces)
-            else:
-                self._refuse(checker, verdict)
-            return
-        self._fragments.append(self._payload(buf, pos, hlen, end))
-        if not b0 & _FIN:
-            return
-        payload = b"".join(self._fragments)
-        self._fragments = []
-        verdict = checker.check(self._message_opcode, payload, now)
-        if verdict is None:
-            mask = _masks.next() if self._recv_masked else None
-            pieces.append(encode_frame(self._message_opcode, payload, mask))
-        else:
-            self._refuse(checker, verdict)
+    # -- closing ------------------------------------------------------------------------
 
-    @staticmethod
-    def _refuse(checker: MessageChecker, verdict: tuple[int, str]) -> None:
-        """A message broke a rule: count it as dropped, or raise to close the offender.
-
-        Raises:
-            ProtocolError: the rule is in "close" mode.
-        """
-        if not checker.drops(verdict):
-            raise ProtocolError(verdict[1], verdict[0])
-        checker.dropped += 1
-
-    def _payload(self, buf: bytes | bytearray, pos: int, hlen: int, end: int) -> bytes | bytearray:
-        """A frame's payload, unmasked."""
-        if self._recv_masked:
-            return apply_mask(buf[pos + hlen : end], bytes(buf[pos + hlen - 4 : pos + hlen]))
-        return bytes(buf[pos + hlen : end])
-
-    def _flush(self, buf: bytes | bytearray, pos: int, pieces: list[bytes | bytearray]) -> None:
-        """Write what :meth:`_relay_frames` accepted so far to the other side, in one call."""
-        if self._recv_masked or self.checker is not None:
-            if len(pieces) == 1:
-                self.peer.transport.write(pieces[0])
-            elif len(pieces) <= 16:
-                # a few (large) frames: hand the pieces over without copying them into one buffer
-                self.peer.transport.writelines(pieces)
-            elif pieces:
-                # many small frames: one joined write is cheaper than many pieces
-                self.peer.transport.write(b"".join(pieces))
-        elif pos:
-            # Server frames travel unchanged: everything consumed so far is one contiguous run.
-            self.peer.transport.write(buf if pos == len(buf) and isinstance(buf, bytes) else bytes(buf[:pos]))
-
-    def _handle_close(self, payload: bytes | bytearray) -> None:
-        try:
-            code, reason = parse_close(payload)
-        except ProtocolError as error:
-            self._fail(error.code, str(error))
-            return
+    def _close_received(self) -> None:
+        """This side's close frame arrived: carry it across, complete the handshake."""
+        reader = self.reader
         self.close_received = True
-        self.session.note_close(self.name, code, reason)
+        self.session.note_close(self.name, reader.close_code, reader.close_reason)
+        payload = reader.close_payload or b""
         peer = self.peer
         if not peer.close_sent and not peer.lost:
             peer._send_close_payload(payload)
@@ -388,69 +231,34 @@ class Leg(asyncio.Protocol):
             # No reply will come from the other side: answer this side with its own code.
             self._send_close_payload(payload)
 
-    def _skip_until_close(self, buf: bytes | bytearray) -> int:
-        """After a close was sent, frames are dropped until this side's close frame arrives."""
-        size = len(buf)
-        pos = 0
-        while size - pos >= 2:
-            b1 = buf[pos + 1]
-            length = b1 & 0x7F
-            hlen = 2
-            if length == 126:
-                if size - pos < 4:
-                    break
-                length = (buf[pos + 2] << 8) | buf[pos + 3]
-                hlen = 4
-            elif length == 127:
-                if size - pos < 10:
-                    break
-                length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
-                hlen = 10
-            if b1 & 0x80:
-                hlen += 4
-            if length > self._max_message_bytes:
-                self._shutdown(abort=True)
-                return size
-            end = pos + hlen + length
-            if end > size:
-                break
-            if buf[pos] & 0x0F == _CLOSE:
-                payload: bytes | bytearray = bytes(buf[pos + hlen : end])
-                if b1 & 0x80:
-                    payload = apply_mask(payload, bytes(buf[pos + hlen - 4 : pos + hlen]))
-                self._handle_close(payload)
-                return end
-            pos = end
-        return pos
-
-    # -- closing ------------------------------------------------------------------------
-
     def send_close(self, code: int, reason: str) -> None:
         """Send a close frame to this side (once), then wait ``close_timeout`` for its reply."""
         self._send_close_payload(close_payload(code, reason))
 
-    def _send_close_payload(self, payload: bytes | bytearray) -> None:
+    def _send_close_payload(self, payload: builtins.bytes | bytearray) -> None:
         if self.close_sent or self.lost:
             return
         self.close_sent = True
-        mask = _masks.next() if not self._recv_masked else None
-        self.transport.write(encode_frame(_CLOSE, payload, mask))
+        # Frames either way are now only read to find the close frames: nothing more may be sent to this
+        # side, and what it still sends has nowhere to go.
+        self.reader.discard()
+        self.peer.reader.discard()
+        self.transport.write(self.reader.frame_to_side(_CLOSE, payload))
         if self.close_received:
             self._shutdown()
             return
-        # The other side may be paused by backpressure; it must read to see our close.
+        # It may be paused by backpressure; it must be read to see its close.
+        self.throttled = False
         self.transport.resume_reading()
         timeout = self.session.route.limits.close_timeout
         self._close_timer = self.session.loop.call_later(timeout, self._shutdown, True)
 
-    def _fail(self, code: int, reason: str) -> None:
-        """This side broke the protocol or a limit: it gets ``code``, the other side a plain going-away."""
+    def fail(self, code: int, reason: str) -> None:
+        """This side broke the protocol, a limit or a rule: it gets ``code`` and is read until its close
+        frame (a lingering close); the other side gets a going-away, or 1014 when the upstream broke."""
         self.session.note_close("gateway", code, reason)
-        self._send_close_payload(close_payload(code, reason))
-        self.close_received = True  # read nothing more from an offender
-        self._shutdown()
+        self.send_close(code, reason)
         if code == CloseCode.MESSAGE_TOO_BIG:
-            self.oversized = True
             self.peer.send_close(CloseCode.GOING_AWAY, f"{self.name} sent a message over the size limit")
         elif self.name == "upstream":
             self.peer.send_close(CloseCode.BAD_GATEWAY, "upstream protocol error")
@@ -463,7 +271,7 @@ class Leg(asyncio.Protocol):
         A graceful close waits for the write buffer to drain; a side that stopped reading would make it
         wait forever, so the socket is cut if it is not gone within ``close_timeout``.
         """
-        self._cancel_close_timer()
+        self._cancel_timers()
         if self.lost:
             return
         if abort:
@@ -474,10 +282,13 @@ class Leg(asyncio.Protocol):
             timeout = self.session.route.limits.close_timeout
             self._close_timer = self.session.loop.call_later(timeout, self.transport.abort)
 
-    def _cancel_close_timer(self) -> None:
+    def _cancel_timers(self) -> None:
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
 
 
 def start_relay(
@@ -493,21 +304,35 @@ def start_relay(
     ``*_pending`` are the bytes that arrived right behind each side's handshake.
     """
     route = session.route
+    limits = route.limits
     now = _monotonic()
+    client_bytes = route.client_rules.max_message_bytes if route.client_rules else limits.max_message_bytes
+    upstream_bytes = (
+        route.upstream_rules.max_message_bytes if route.upstream_rules else limits.max_message_bytes
+    )
     client = Leg(
         session,
         "client",
         client_transport,
-        route.client_rules.max_message_bytes if route.client_rules else route.limits.max_message_bytes,
-        _checker(route.client_rules, route.message_rate, now),
+        FrameReader(
+            True,
+            client_bytes,
+            limits.fragments_allowed(client_bytes),
+            _checker(route.client_rules, route.message_rate, now),
+        ),
     )
     upstream = Leg(
         session,
         "upstream",
         upstream_transport,
-        route.upstream_rules.max_message_bytes if route.upstream_rules else route.limits.max_message_bytes,
-        _checker(route.upstream_rules, None, now),
+        FrameReader(
+            False,
+            upstream_bytes,
+            limits.fragments_allowed(upstream_bytes),
+            _checker(route.upstream_rules, None, now),
+        ),
     )
+    client.reader.last_data = upstream.reader.last_data = now
     client.peer = upstream
     upstream.peer = client
     session.start(client, upstream)
@@ -522,8 +347,9 @@ def start_relay(
         client.data_received(client_pending)
     for leg in (client, upstream):
         # A leg stays paused if relaying the pending bytes already filled its peer's write buffer.
-        if not leg.transport.is_closing() and not leg.throttled:
+        if not leg.lost and not leg.transport.is_closing() and not leg.throttled:
             leg.transport.resume_reading()
+        leg.start_keepalive()
 
 
 def _checker(rules: MessageRules | None, rate: MessageRate | None, now: float) -> MessageChecker | None:

@@ -1,8 +1,15 @@
-"""Per-message rules the relay applies to one direction: type, size, UTF-8, JSON, schema, rate.
+"""Per-message rules the relay applies to one direction: type, rate, UTF-8, JSON, schema.
 
-A :class:`MessageChecker` is built once per session direction from the frozen policy objects; its
-:meth:`~MessageChecker.check` runs once per whole message and does only attribute reads, integer
-arithmetic and, where the policy asks, one decode. Verdicts are ``None`` (pass) or ``(close code, reason)``.
+A :class:`MessageChecker` is built once per session direction from the frozen policy objects. The frame core
+(:mod:`proxy.protocol`) asks it at each frame header -- :meth:`~MessageChecker.start` for a message's first
+frame, :meth:`~MessageChecker.more` for a continuation, :meth:`~MessageChecker.control` for a ping, pong or
+close -- and, for a message it gathered whole, :meth:`~MessageChecker.content`. Each answer is ``None``
+(pass) or a :class:`Violation`, made once per checker and only counted when returned, so the per-message
+path allocates nothing.
+
+A message is admitted or refused at its first frame: its later fragments are charged to the byte bucket and
+may refuse it ("close" mode) or put the bucket in debt ("drop" mode: half a message already forwarded
+cannot be dropped).
 """
 
 from __future__ import annotations
@@ -17,8 +24,6 @@ import fastjsonschema
 from proxy.errors import CloseCode
 from proxy.policy.model import MessageRate, MessageRules
 
-Verdict = tuple[int, str] | None
-
 _TEXT = 1
 
 
@@ -32,10 +37,27 @@ def compile_schema(schema: dict[str, object]) -> Callable[[Any], Any]:
     return _compiled(json.dumps(schema, sort_keys=True))
 
 
+class Violation:
+    """A broken rule: the close code and reason the offender gets, and whether the message is dropped
+    (and the session kept) instead."""
+
+    __slots__ = ("code", "drop", "reason", "rule")
+
+    def __init__(self, rule: str, code: int, reason: str, drop: bool) -> None:
+        self.rule = rule
+        self.code = code
+        self.reason = reason[:123]
+        self.drop = drop
+
+    def __repr__(self) -> str:
+        return f"Violation({self.rule!r}, {self.code}, {self.reason!r}, drop={self.drop})"
+
+
 class MessageChecker:
     """The rules of one direction of one session, with its rate buckets and violation counters."""
 
     __slots__ = (
+        "_binary_refused",
         "_byte_burst",
         "_byte_tokens",
         "_bytes_per_second",
@@ -44,12 +66,16 @@ class MessageChecker:
         "_message_burst",
         "_message_tokens",
         "_messages_per_second",
+        "_rate",
         "_schema",
+        "_text_refused",
         "_types",
         "_utf8",
         "drop",
         "dropped",
+        "gathers_text",
         "rate_drop",
+        "utf8_text",
         "violations",
     )
 
@@ -60,6 +86,11 @@ class MessageChecker:
         self._schema = compile_schema(rules.schema) if rules.schema is not None else None
         #: Whether a content violation drops the message instead of closing.
         self.drop = rules.on_violation == "drop"
+        #: Text must be valid UTF-8; checked as the fragments pass unless the message is gathered.
+        self.utf8_text = rules.utf8
+        #: Text messages are gathered whole before they are forwarded: JSON and schema rules read the whole
+        #: document, and a message to be dropped for a content rule must not be half forwarded.
+        self.gathers_text = self._json or self._schema is not None or (self._utf8 and self.drop)
         rate = rate or MessageRate()
         self._messages_per_second = rate.messages_per_second
         self._message_burst = float(rate.message_burst)
@@ -69,61 +100,78 @@ class MessageChecker:
         self._byte_tokens = float(rate.byte_burst)
         self.rate_drop = rate.on_limit == "drop"
         self._last = now
-        #: Messages dropped, and violations seen, by rule name: what metrics and the close log report.
+        self._rate = Violation("rate", CloseCode.POLICY_VIOLATION, "rate limit exceeded", self.rate_drop)
+        self._text_refused = Violation(
+            "type", CloseCode.UNSUPPORTED_DATA, "text messages not allowed", self.drop
+        )
+        self._binary_refused = Violation(
+            "type", CloseCode.UNSUPPORTED_DATA, "binary messages not allowed", self.drop
+        )
+        #: Messages (and control frames) dropped, and violations seen by rule name: what metrics and the
+        #: close log report.
         self.dropped = 0
         self.violations: dict[str, int] = {}
 
-    def first_frame(self, opcode: int) -> Verdict:
-        """Check what can be known from a message's first frame (its type)."""
+    # -- at frame headers ------------------------------------------------------------------------
+
+    def start(self, opcode: int, frame_bytes: int, now: float) -> Violation | None:
+        """A message's first frame: its type, one message and the frame's bytes from the buckets."""
         if opcode not in self._types:
-            return self._violation(
-                "type", CloseCode.UNSUPPORTED_DATA, f"{_name(opcode)} messages not allowed"
-            )
-        return None
+            return self._count(self._text_refused if opcode == _TEXT else self._binary_refused)
+        if self._messages_per_second is None and self._bytes_per_second is None:
+            return None
+        return self._take(1.0, frame_bytes, now, refuse=True)
 
-    def reads_payload(self, opcode: int) -> bool:
-        """Whether :meth:`check` looks at a message's bytes (text under UTF-8, JSON or schema rules);
-        when it does not, :meth:`check_size` gives the same verdict without unmasking the payload."""
-        return opcode == _TEXT and (self._utf8 or self._json or self._schema is not None)
+    def more(self, frame_bytes: int, now: float) -> Violation | None:
+        """A continuation frame of an admitted message: its bytes from the byte bucket."""
+        if self._bytes_per_second is None:
+            return None
+        return self._take(0.0, frame_bytes, now, refuse=not self.rate_drop)
 
-    def check_size(self, size: int, now: float) -> Verdict:
-        """The verdict for a message whose bytes need no reading: the rate limits only."""
-        if self._messages_per_second is not None or self._bytes_per_second is not None:
-            return self._take(size, now)
-        return None
+    def control(self, now: float, refuse: bool = True) -> Violation | None:
+        """A ping, pong or close: it counts as a message against the message rate (a close is counted but
+        never refused: it ends the session anyway)."""
+        if self._messages_per_second is None:
+            return None
+        return self._take(1.0, 0, now, refuse)
 
-    def check(self, opcode: int, payload: bytes | bytearray, now: float) -> Verdict:
-        """Check one whole message (unmasked payload) arriving at ``now`` (monotonic seconds)."""
-        verdict = self.check_size(len(payload), now)
-        if verdict is not None:
-            return verdict
-        if self.reads_payload(opcode):
+    # -- on a gathered message -----------------------------------------------------------------
+
+    def content(self, opcode: int, payload: bytes | bytearray) -> Violation | None:
+        """The content rules on one whole, unmasked text message (UTF-8, JSON, schema)."""
+        if opcode != _TEXT or not (self._utf8 or self._json or self._schema is not None):
+            return None
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            return self.invalid_utf8()
+        if self._json or self._schema is not None:
             try:
-                text = payload.decode("utf-8")
-            except UnicodeDecodeError:
-                return self._violation("utf8", CloseCode.INVALID_DATA, "text message is not valid UTF-8")
-            if self._json or self._schema is not None:
+                document = json.loads(text)
+            except (ValueError, RecursionError):
+                return self._new("json", CloseCode.INVALID_DATA, "text message is not valid JSON")
+            if self._schema is not None:
                 try:
-                    document = json.loads(text)
-                except (ValueError, RecursionError):
-                    return self._violation("json", CloseCode.INVALID_DATA, "text message is not valid JSON")
-                if self._schema is not None:
-                    try:
-                        self._schema(document)
-                    except fastjsonschema.JsonSchemaException as error:
-                        return self._violation(
-                            "schema",
-                            CloseCode.POLICY_VIOLATION,
-                            f"message does not match the schema: {error}",
-                        )
-                    except RecursionError:
-                        return self._violation(
-                            "schema", CloseCode.POLICY_VIOLATION, "message nested too deeply to check"
-                        )
+                    self._schema(document)
+                except fastjsonschema.JsonSchemaException as error:
+                    return self._new(
+                        "schema", CloseCode.POLICY_VIOLATION, f"message does not match the schema: {error}"
+                    )
+                except RecursionError:
+                    return self._new(
+                        "schema", CloseCode.POLICY_VIOLATION, "message nested too deeply to check"
+                    )
         return None
 
-    def _take(self, size: int, now: float) -> Verdict:
-        """Take one message and ``size`` bytes from the buckets; a refused message takes nothing."""
+    def invalid_utf8(self) -> Violation:
+        """The violation for text that is not UTF-8 (found whole, or as its fragments passed)."""
+        return self._new("utf8", CloseCode.INVALID_DATA, "text message is not valid UTF-8")
+
+    # -- buckets ---------------------------------------------------------------------------------
+
+    def _take(self, messages: float, size: int, now: float, refuse: bool) -> Violation | None:
+        """Take ``messages`` and ``size`` bytes from the buckets. A refused take takes nothing; with
+        ``refuse`` False the byte bucket may go into debt instead."""
         elapsed = now - self._last
         self._last = now
         message_tokens = self._message_tokens
@@ -131,26 +179,19 @@ class MessageChecker:
         refused = False
         if self._messages_per_second is not None:
             message_tokens = min(self._message_burst, message_tokens + elapsed * self._messages_per_second)
-            refused = message_tokens < 1.0
+            refused = message_tokens < messages
         if self._bytes_per_second is not None:
             byte_tokens = min(self._byte_burst, byte_tokens + elapsed * self._bytes_per_second)
             refused = refused or byte_tokens < size
-        if refused:
+        if refused and refuse:
             self._message_tokens, self._byte_tokens = message_tokens, byte_tokens
-            return self._violation("rate", CloseCode.POLICY_VIOLATION, "rate limit exceeded")
-        self._message_tokens, self._byte_tokens = message_tokens - 1.0, byte_tokens - size
+            return self._count(self._rate)
+        self._message_tokens, self._byte_tokens = message_tokens - messages, byte_tokens - size
         return None
 
-    def drops(self, verdict: tuple[int, str]) -> bool:
-        """Whether this verdict drops the message (True) or closes the offender (False)."""
-        if verdict[1] == "rate limit exceeded":
-            return self.rate_drop
-        return self.drop
+    def _count(self, violation: Violation) -> Violation:
+        self.violations[violation.rule] = self.violations.get(violation.rule, 0) + 1
+        return violation
 
-    def _violation(self, rule: str, code: int, reason: str) -> tuple[int, str]:
-        self.violations[rule] = self.violations.get(rule, 0) + 1
-        return code, reason[:123]
-
-
-def _name(opcode: int) -> str:
-    return {1: "text", 2: "binary"}.get(opcode, f"opcode {opcode}")
+    def _new(self, rule: str, code: int, reason: str) -> Violation:
+        return self._count(Violation(rule, code, reason, self.drop))

@@ -32,7 +32,6 @@ class Session:
         "finished",
         "identity",
         "initiator",
-        "last_activity",
         "loop",
         "origin",
         "request_id",
@@ -69,7 +68,6 @@ class Session:
         self.identity = identity
         self.slots = slots
         self.started = time.monotonic()
-        self.last_activity = self.started
         #: Who closed first: "client", "upstream" or "gateway"; None while open.
         self.initiator: str | None = None
         #: The close code and reason that ended the session (1006 when a connection vanished without one).
@@ -99,9 +97,11 @@ class Session:
         self.close(1008, "token expired", 1008, "token expired")
 
     def _check_idle(self) -> None:
-        # One timer per session, re-armed for the remaining time, instead of a reset per frame.
+        # One timer per session, re-armed for the remaining time, instead of a reset per frame. Only data
+        # counts: pings and pongs (the gateway's keepalive among them) keep no session from being idle.
         idle = self.route.limits.idle_timeout
-        remaining = self.last_activity + idle - time.monotonic()
+        last_data = max(self.client.reader.last_data, self.upstream.reader.last_data)
+        remaining = last_data + idle - time.monotonic()
         if remaining > 0:
             self._idle_handle = self.loop.call_later(remaining, self._check_idle)
             return

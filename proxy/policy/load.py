@@ -299,8 +299,11 @@ def _limits(source: _Source, node: yaml.Node, path: str, base: Limits, keys: fro
     section = _Map(source, node, path, tuple(LIMIT_KEYS))
     readers: dict[str, Callable[[_Source, yaml.Node, str], Any]] = {
         "max_message_size": _size,
+        "max_fragments": _positive_int,
         "max_header_bytes": _size,
         "idle_timeout": _duration,
+        "ping_interval": _duration,
+        "ping_timeout": _duration,
         "handshake_timeout": _duration,
         "upstream_connect_timeout": _duration,
         "close_timeout": _duration,

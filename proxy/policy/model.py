@@ -56,8 +56,16 @@ class Limits:
     """
 
     max_message_bytes: int = 1024 * 1024
+    #: Frames per message, empty ones included; 0: derived from the message size (:meth:`fragments_allowed`).
+    max_fragments: int = 0
     max_header_bytes: int = 16 * 1024
-    idle_timeout: float = 300.0
+    #: No data message either way for this long closes the session (0: never). Pings do not count: dead
+    #: peers are found by keepalive, so a quiet but healthy session is not cut by default.
+    idle_timeout: float = 0.0
+    #: Keepalive: a side quiet for ``ping_interval`` is pinged, and cut if no pong within ``ping_timeout``
+    #: (ping_interval 0: no pings; ping_timeout 0: pings, e.g. for NATs, but no answer required).
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
     handshake_timeout: float = 10.0
     upstream_connect_timeout: float = 5.0
     close_timeout: float = 5.0
@@ -79,12 +87,22 @@ class Limits:
     #: otherwise take a fresh address for every handshake. 128 counts each address on its own.
     ipv6_prefix: int = 64
 
+    def fragments_allowed(self, max_message_bytes: int) -> int:
+        """Frames a message of at most ``max_message_bytes`` may come in: ``max_fragments``, or by default
+        ``max(1024, max_message_bytes // 256)`` as aiohttp does -- a fragment costs the relay a frame's
+        work and the receiver a frame, so a sender needs fragments of 256 bytes on average at the size
+        limit, and small limits still allow 1024."""
+        return self.max_fragments or max(1024, max_message_bytes // 256)
+
 
 #: YAML key under ``limits`` -> field of :class:`Limits`.
 LIMIT_KEYS: dict[str, str] = {
     "max_message_size": "max_message_bytes",
+    "max_fragments": "max_fragments",
     "max_header_bytes": "max_header_bytes",
     "idle_timeout": "idle_timeout",
+    "ping_interval": "ping_interval",
+    "ping_timeout": "ping_timeout",
     "handshake_timeout": "handshake_timeout",
     "upstream_connect_timeout": "upstream_connect_timeout",
     "close_timeout": "close_timeout",
@@ -105,7 +123,10 @@ LIMIT_KEYS: dict[str, str] = {
 ROUTE_LIMIT_KEYS: frozenset[str] = frozenset(
     {
         "max_message_size",
+        "max_fragments",
         "idle_timeout",
+        "ping_interval",
+        "ping_timeout",
         "upstream_connect_timeout",
         "close_timeout",
         "connections_per_subject",

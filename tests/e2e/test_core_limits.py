@@ -28,6 +28,7 @@ async def test_client_message_over_the_limit_gets_1009_and_upstream_1001(gateway
     ws.send_frame(BINARY, b"b" * 1025)
     frame = await ws.recv_close()
     assert frame.close_code == 1009
+    ws.send_close(1009)  # a client answers the close; the gateway reads the offender until it does
     record = upstream.records[0]
     await asyncio.wait_for(record.closed.wait(), 5)
     assert record.close_code == 1001

@@ -8,7 +8,7 @@ from proxy.guards.origin import origin_allowed
 from proxy.guards.token import claims_allowed, fingerprint
 from proxy.limiter.memory import MemoryLimiter
 from proxy.policy.model import ClaimRule, Firewall, FirewallRule, MessageRate, MessageRules, OriginPattern
-from proxy.rules import MessageChecker
+from proxy.rules import MessageChecker, Violation
 
 
 def test_firewall_first_match_wins_then_default() -> None:
@@ -101,6 +101,10 @@ def test_fingerprint_is_short_and_not_the_token() -> None:
     assert len(print_) == 12 and "secret" not in print_
 
 
+def verdict(violation: Violation | None) -> tuple[int, str] | None:
+    return None if violation is None else (violation.code, violation.reason)
+
+
 def test_message_rules_utf8_json_schema_and_types() -> None:
     rules = MessageRules(
         max_message_bytes=1024,
@@ -109,11 +113,12 @@ def test_message_rules_utf8_json_schema_and_types() -> None:
         schema={"type": "object", "required": ["op"]},
     )
     checker = MessageChecker(rules, None, now=0.0)
-    assert checker.first_frame(2) == (1003, "binary messages not allowed")
-    assert checker.check(1, b'{"op": "x"}', 0.0) is None
-    assert checker.check(1, b"\xff", 0.0) == (1007, "text message is not valid UTF-8")
-    assert checker.check(1, b"{", 0.0) == (1007, "text message is not valid JSON")
-    code, reason = checker.check(1, b"{}", 0.0) or (0, "")
+    assert verdict(checker.start(2, 10, 0.0)) == (1003, "binary messages not allowed")
+    assert checker.gathers_text  # JSON and schema rules read whole messages
+    assert checker.content(1, b'{"op": "x"}') is None
+    assert verdict(checker.content(1, b"\xff")) == (1007, "text message is not valid UTF-8")
+    assert verdict(checker.content(1, b"{")) == (1007, "text message is not valid JSON")
+    code, reason = verdict(checker.content(1, b"{}")) or (0, "")
     assert code == 1008 and reason.startswith("message does not match the schema")
     assert checker.violations == {"type": 1, "utf8": 1, "json": 1, "schema": 1}
 
@@ -124,19 +129,47 @@ def test_message_rate_bucket() -> None:
         MessageRate(messages_per_second=10, message_burst=3),
         0.0,
     )
-    verdicts = [checker.check(2, b"x", 0.0) for _ in range(4)]
+    verdicts = [verdict(checker.start(2, 1, 0.0)) for _ in range(4)]
     assert verdicts[:3] == [None, None, None]
     assert verdicts[3] == (1008, "rate limit exceeded")
-    assert checker.check(2, b"x", 0.2) is None
+    assert checker.start(2, 1, 0.2) is None
+
+
+def test_control_frames_count_against_the_message_rate_and_a_close_is_never_refused() -> None:
+    checker = MessageChecker(
+        MessageRules(max_message_bytes=0, utf8=False),
+        MessageRate(messages_per_second=1, message_burst=2),
+        0.0,
+    )
+    assert checker.control(0.0) is None
+    assert checker.start(2, 1, 0.0) is None
+    assert verdict(checker.control(0.0)) == (1008, "rate limit exceeded")
+    assert checker.control(0.0, refuse=False) is None
 
 
 def test_byte_rate_bucket() -> None:
     checker = MessageChecker(
         MessageRules(max_message_bytes=0, utf8=False), MessageRate(bytes_per_second=100, byte_burst=150), 0.0
     )
-    assert checker.check(2, b"x" * 100, 0.0) is None
-    assert checker.check(2, b"x" * 100, 0.0) == (1008, "rate limit exceeded")
-    assert checker.check(2, b"x" * 100, 1.0) is None
+    assert checker.start(2, 100, 0.0) is None
+    assert verdict(checker.start(2, 100, 0.0)) == (1008, "rate limit exceeded")
+    assert checker.start(2, 100, 1.0) is None
+
+
+def test_continuation_bytes_refuse_in_close_mode_and_go_into_debt_in_drop_mode() -> None:
+    rate = MessageRate(bytes_per_second=100, byte_burst=150)
+    closing = MessageChecker(MessageRules(max_message_bytes=0, utf8=False), rate, 0.0)
+    assert closing.start(2, 100, 0.0) is None
+    assert verdict(closing.more(100, 0.0)) == (1008, "rate limit exceeded")
+    dropping = MessageChecker(
+        MessageRules(max_message_bytes=0, utf8=False),
+        MessageRate(bytes_per_second=100, byte_burst=150, on_limit="drop"),
+        0.0,
+    )
+    assert dropping.start(2, 100, 0.0) is None
+    assert dropping.more(100, 0.0) is None  # half a message cannot be dropped: the bucket owes 50 bytes
+    violation = dropping.start(2, 100, 1.0)
+    assert violation is not None and violation.drop
 
 
 def test_close_code_labels_group_only_client_chosen_codes() -> None:

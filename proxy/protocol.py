@@ -1,0 +1,551 @@
+"""The frame core: the frames one side of a session sends, read sans-I/O (RFC 6455 section 5).
+
+A :class:`FrameReader` is fed the bytes one side sent (:meth:`FrameReader.receive_data`) and returns what
+to forward to the other side; what else happened in that call is in :attr:`FrameReader.events` (its close
+frame arrived, or it broke the protocol, a limit or a rule and must be closed). It owns no transport, no
+timer and no clock: the relay (:mod:`proxy.relay`) is a thin adapter that writes what it returns, sends
+the close frames it asks for and keeps the time.
+
+Frames are forwarded as they arrive, a frame's payload even before the frame is whole: towards the
+upstream re-masked with a fresh key (a gateway must not let a client choose the bytes on the upstream's
+wire), towards a client byte for byte. Only a message a rule must read whole (JSON, a schema, a content
+rule in "drop" mode) is gathered, in one contiguous buffer; UTF-8 is checked as the fragments pass.
+
+Memory bound, by construction: between two calls a reader holds at most one partial frame header or one
+partial control frame (14 + 125 bytes), a few bytes of an incomplete UTF-8 sequence, and the message it is
+gathering (at most ``max_message_bytes``). Nothing is kept per fragment: a message is refused with 1009
+when it is larger than ``max_message_bytes`` (known from the frame headers, before any of the payload is
+read) or comes in more than ``max_fragments`` frames, empty ones included.
+
+After the gateway closed a side (:meth:`FrameReader.discard`, or a failure), the reader keeps parsing that
+side's frames only to skip them, counting payload bytes rather than holding them, until its close frame.
+"""
+
+from __future__ import annotations
+
+from codecs import utf_8_decode
+from enum import IntFlag
+
+from proxy.errors import CloseCode
+from proxy.frames import MaskSource, ProtocolError, apply_mask, encode_frame, encode_header, parse_close
+from proxy.rules import MessageChecker, Violation
+
+#: What happens to the payload of the frame being read.
+_FORWARD, _UTF8, _GATHER, _SKIP = 0, 1, 2, 3
+_TEXT, _CLOSE, _PING, _PONG = 0x1, 0x8, 0x9, 0xA
+_FIN = 0x80
+_RSV = 0x70
+
+#: One source of masking keys per process: a key per frame sent upstream, and the payloads of pings.
+MASKS = MaskSource()
+
+
+class Events(IntFlag):
+    """What a :meth:`FrameReader.receive_data` call found besides frames to forward."""
+
+    NONE = 0
+    #: The side broke the protocol, a limit or a rule: close it with ``fail_code``/``fail_reason``.
+    FAIL = 1
+    #: The side's close frame arrived (``close_payload``, ``close_code``, ``close_reason``).
+    CLOSE = 2
+
+
+def _rotate(key: bytes, offset: int) -> bytes:
+    """The masking key for a payload piece that starts ``offset`` bytes into its frame."""
+    shift = offset & 3
+    return key[shift:] + key[:shift] if shift else key
+
+
+class FrameReader:
+    """One side's frames: parsed, checked and turned into bytes for the other side.
+
+    ``masked`` is True for a client (its frames carry a masking key, RFC 6455 5.3; frames to it do not),
+    False for the upstream (the gateway is its client: frames from it are unmasked, frames to it masked).
+    """
+
+    __slots__ = (
+        "_fin",
+        "_fragments",
+        "_frame_key",
+        "_gathered",
+        "_in_message",
+        "_message_bytes",
+        "_message_mode",
+        "_message_opcode",
+        "_mode",
+        "_offset",
+        "_out_opcode",
+        "_partial",
+        "_remaining",
+        "_utf8_tail",
+        "bytes",
+        "checker",
+        "close_code",
+        "close_payload",
+        "close_reason",
+        "discarding",
+        "events",
+        "fail_code",
+        "fail_reason",
+        "last_data",
+        "masked",
+        "max_fragments",
+        "max_message_bytes",
+        "messages",
+        "oversized",
+        "ping_payload",
+    )
+
+    def __init__(
+        self,
+        masked: bool,
+        max_message_bytes: int,
+        max_fragments: int,
+        checker: MessageChecker | None = None,
+    ) -> None:
+        self.masked = masked
+        self.max_message_bytes = max_message_bytes
+        self.max_fragments = max_fragments
+        #: The direction's message rules, or None when only frame syntax and size are checked.
+        self.checker = checker
+        #: What the last receive_data call found, besides frames to forward.
+        self.events = Events.NONE
+        self.fail_code = 0
+        self.fail_reason = ""
+        #: The side's close frame, once it arrived: its payload (b"" for none, or for an invalid one) and
+        #: that payload parsed.
+        self.close_payload: bytes | None = None
+        self.close_code: int | None = None
+        self.close_reason = ""
+        #: After the gateway closed this side: frames are skipped until its close frame.
+        self.discarding = False
+        #: Data messages and payload bytes received (dropped and skipped ones excluded).
+        self.messages = 0
+        self.bytes = 0
+        #: Whether this side was closed for a message over the size or fragment limit.
+        self.oversized = False
+        #: When the last data frame header arrived (the time passed to receive_data): for idle_timeout.
+        self.last_data = 0.0
+        #: The payload of the gateway's ping still unanswered, or None.
+        self.ping_payload: bytes | None = None
+        self._partial = b""
+        self._remaining = 0
+        self._offset = 0
+        self._mode = _FORWARD
+        self._fin = False
+        self._frame_key = b""
+        self._out_opcode = 0
+        self._in_message = False
+        self._message_opcode = 0
+        self._message_mode = _FORWARD
+        self._message_bytes = 0
+        self._fragments = 0
+        self._gathered = bytearray()
+        self._utf8_tail = b""
+
+    # -- what the adapter asks for ---------------------------------------------------------------
+
+    def discard(self) -> None:
+        """The gateway sent this side a close frame: from now on its frames are skipped until its close."""
+        self.discarding = True
+        self._gathered = bytearray()
+        self._utf8_tail = b""
+        if self._remaining:
+            self._mode = _SKIP
+
+    def ping(self) -> bytes:
+        """A ping frame for this side, with a fresh payload that its pong must echo."""
+        payload = MASKS.next()
+        self.ping_payload = payload
+        return encode_frame(_PING, payload, None if self.masked else MASKS.next())
+
+    def frame_to_side(self, opcode: int, payload: bytes | bytearray) -> bytes:
+        """A whole frame the gateway sends to this side (masked towards the upstream)."""
+        return encode_frame(opcode, payload, None if self.masked else MASKS.next())
+
+    def buffered_bytes(self) -> int:
+        """Bytes held between calls: the partial header or control frame, the UTF-8 tail and the
+        message being gathered (what the memory bound in the module docstring counts)."""
+        return len(self._partial) + len(self._utf8_tail) + len(self._gathered)
+
+    # -- bytes in ----------------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes, now: float) -> list[bytes | bytearray]:
+        """Read ``data``, sent by this side at ``now`` (monotonic seconds); return the bytes to write to
+        the other side, in order. What else happened is in :attr:`events`."""
+        self.events = Events.NONE
+        pieces: list[bytes | bytearray] = []
+        if self.close_payload is not None:
+            return pieces  # nothing may follow a close frame (RFC 6455 5.5.1)
+        if self._partial:
+            data = self._partial + data
+            self._partial = b""
+        self._read(data, 0, now, pieces)
+        return pieces
+
+    def _read(self, buf: bytes, pos: int, now: float, pieces: list[bytes | bytearray]) -> None:
+        """Read the frames in ``buf[pos:]``, appending what the other side gets to ``pieces``.
+
+        Written for speed: this loop runs once per frame, so it reads the header with indexing and
+        integer arithmetic. Whole frames that pass unchanged (towards a client) are appended as runs of
+        ``buf``, not one piece per frame. A frame that is not whole in ``buf`` is passed on as the pieces
+        of it that arrived, each as a frame of its own (RFC 6455 5.4 lets an intermediary change the
+        fragmentation of a message): the other side is always left at a frame boundary, so a close frame
+        can follow at any time, and nothing of a payload is held back.
+        """
+        size = len(buf)
+        if self._remaining:
+            take = min(self._remaining, size - pos)
+            ok = self._part(buf, pos, pos + take, pieces)
+            pos += take
+            if ok and self._remaining:
+                return
+            if not ok or not self._frame_done(pieces):
+                self._read(buf, pos, now, pieces)  # the rest, skipped until the close frame
+                return
+        masked = self.masked
+        mask_bit = 0x80 if masked else 0
+        checker = self.checker
+        run = -1  # start of the bytes passed on unchanged since then (frames from the upstream only)
+        length = hlen = 0
+        try:
+            while size - pos >= 2:
+                b0 = buf[pos]
+                b1 = buf[pos + 1]
+                length = b1 & 0x7F
+                hlen = 2
+                if length == 126:
+                    if size - pos < 4:
+                        break
+                    length = (buf[pos + 2] << 8) | buf[pos + 3]
+                    hlen = 4
+                elif length == 127:
+                    if size - pos < 10:
+                        break
+                    length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                    hlen = 10
+                if b1 & 0x80:
+                    hlen += 4
+                if size - pos < hlen:
+                    break
+                opcode = b0 & 0x0F
+                end = pos + hlen + length
+                if self.discarding:
+                    if opcode == _CLOSE and length <= 125:
+                        if end > size:
+                            break
+                        self._close(buf, pos, hlen, end, b1 & 0x80)
+                        return
+                    # Skipped by counting, never held; a bad close frame here is skipped too: the
+                    # gateway already closed this side and only waits for it to finish.
+                    self._mode = _SKIP
+                    self._fin = False
+                    self._remaining = length
+                    pos += hlen
+                    take = length if length < size - pos else size - pos
+                    self._remaining -= take
+                    pos += take
+                    continue
+                if (b1 & 0x80) != mask_bit:
+                    raise ProtocolError(
+                        "unmasked frame from the client" if masked else "masked frame from the upstream"
+                    )
+                if b0 & _RSV:
+                    raise ProtocolError("reserved bits set, but no extension was negotiated")
+                if opcode & 0x8:
+                    # -- a control frame: acted on when whole (at most 125 bytes) ----------------------
+                    if not b0 & _FIN or length > 125:
+                        raise ProtocolError("control frame fragmented or longer than 125 bytes")
+                    if opcode > _PONG:
+                        raise ProtocolError(f"unknown opcode {opcode}")
+                    if end > size:
+                        break
+                    if opcode == _CLOSE:
+                        if run >= 0:
+                            pieces.append(buf[run:pos])
+                            run = -1
+                        if checker is not None:
+                            checker.control(now, refuse=False)
+                        self._close(buf, pos, hlen, end, masked)
+                        return
+                    if (
+                        opcode == _PONG
+                        and self.ping_payload is not None
+                        and self._control_payload(buf, pos, hlen, end) == self.ping_payload
+                    ):
+                        self.ping_payload = None  # the answer to the gateway's ping: consumed
+                        forward = False
+                    elif checker is not None and (violation := checker.control(now)) is not None:
+                        if not violation.drop:
+                            raise _Refused(violation)
+                        checker.dropped += 1
+                        forward = False
+                    else:
+                        forward = True
+                    if masked:
+                        if forward:
+                            self._remask(buf, pos, hlen, end, pieces)
+                    elif not forward:
+                        if run >= 0:
+                            pieces.append(buf[run:pos])
+                            run = -1
+                    elif run < 0:
+                        run = pos
+                    pos = end
+                    continue
+                # -- a data frame ----------------------------------------------------------------------
+                if opcode == 0:
+                    if not self._in_message:
+                        raise ProtocolError("continuation frame outside a message")
+                    self._fragments += 1
+                    if self._fragments > self.max_fragments:
+                        raise _TooBig(f"message in more than {self.max_fragments} fragments")
+                    total = self._message_bytes + length
+                    if total > self.max_message_bytes:
+                        raise _TooBig(f"message larger than {self.max_message_bytes} bytes")
+                    mode = self._message_mode
+                    if checker is not None and mode != _SKIP:
+                        violation = checker.more(length, now)
+                        if violation is not None:
+                            raise _Refused(violation)
+                else:
+                    if opcode > 2:
+                        raise ProtocolError(f"unknown opcode {opcode}")
+                    if self._in_message:
+                        raise ProtocolError("new message before the previous one ended")
+                    if length > self.max_message_bytes:
+                        raise _TooBig(f"message larger than {self.max_message_bytes} bytes")
+                    total = length
+                    self._fragments = 1
+                    self._message_opcode = opcode
+                    mode = _FORWARD
+                    if checker is not None:
+                        violation = checker.start(opcode, length, now)
+                        if violation is not None:
+                            if not violation.drop:
+                                raise _Refused(violation)
+                            checker.dropped += 1
+                            mode = _SKIP
+                        elif opcode == _TEXT:
+                            if checker.gathers_text:
+                                mode = _GATHER
+                            elif checker.utf8_text:
+                                mode = _UTF8
+                                self._utf8_tail = b""
+                    self._message_mode = mode
+                fin = b0 & _FIN
+                self._in_message = not fin
+                self._message_bytes = 0 if fin else total
+                self.last_data = now
+                if mode != _SKIP:
+                    self.bytes += length
+                if end <= size and mode <= _UTF8:
+                    # The common case, written out: a whole frame passed on.
+                    if mode == _UTF8:
+                        plain = self._plain(buf, pos + hlen, end, pos + hlen - 4, 0)
+                        if not self._utf8_ok(plain, bool(fin)):
+                            raise _BadText()
+                        if masked:
+                            new_key = MASKS.next()
+                            pieces.append(buf[pos : pos + hlen - 4] + new_key + apply_mask(plain, new_key))
+                        elif run < 0:
+                            run = pos
+                    elif masked:
+                        self._remask(buf, pos, hlen, end, pieces)
+                    elif run < 0:
+                        run = pos
+                    if fin:
+                        self.messages += 1
+                    pos = end
+                    continue
+                if run >= 0:
+                    pieces.append(buf[run:pos])
+                    run = -1
+                self._fin = bool(fin)
+                self._mode = mode
+                self._remaining = length
+                self._offset = 0
+                self._out_opcode = opcode
+                if masked:
+                    self._frame_key = buf[pos + hlen - 4 : pos + hlen]
+                pos += hlen
+                take = length if length < size - pos else size - pos
+                ok = self._part(buf, pos, pos + take, pieces)
+                pos += take
+                if ok and self._remaining:
+                    return
+                if not ok or not self._frame_done(pieces):
+                    self._read(buf, pos, now, pieces)
+                    return
+        except (ProtocolError, _TooBig, _Refused, _BadText) as error:
+            if run >= 0:
+                pieces.append(buf[run:pos])
+            if isinstance(error, _TooBig):
+                self.oversized = True
+                self._fail(CloseCode.MESSAGE_TOO_BIG, str(error))
+            elif isinstance(error, _Refused):
+                self._fail(error.violation.code, error.violation.reason)
+            elif isinstance(error, _BadText):
+                violation = self._invalid_utf8()
+                self._fail(violation.code, violation.reason)
+            else:
+                self._fail(error.code, str(error))
+            # The offending frame's payload is skipped, then whatever follows it, until a close frame.
+            self._remaining = length
+            self._read(buf, pos + hlen, now, pieces)
+            return
+        if run >= 0 and pos > run:
+            pieces.append(buf if run == 0 and pos == size else buf[run:pos])
+        if pos < size:
+            self._partial = buf[pos:]  # at most a frame header, or a control frame of 125 bytes
+
+    # -- helpers of _read ----------------------------------------------------------------------------
+
+    def _remask(self, buf: bytes, pos: int, hlen: int, end: int, pieces: list[bytes | bytearray]) -> None:
+        """A whole client frame, re-masked with a fresh key in one XOR with the combined key. A large
+        frame's header and payload stay separate pieces: joining them would copy the payload."""
+        new_key = MASKS.next()
+        combined = (
+            int.from_bytes(buf[pos + hlen - 4 : pos + hlen], "little") ^ int.from_bytes(new_key, "little")
+        ).to_bytes(4, "little")
+        payload = apply_mask(buf[pos + hlen : end], combined)
+        if end - pos < 4096:
+            pieces.append(buf[pos : pos + hlen - 4] + new_key + payload)
+        else:
+            pieces.append(buf[pos : pos + hlen - 4] + new_key)
+            pieces.append(payload)
+
+    def _plain(self, buf: bytes, start: int, stop: int, key_at: int, offset: int) -> bytes | bytearray:
+        """Payload bytes ``buf[start:stop]`` unmasked (the key at ``key_at``; ``offset`` into the frame)."""
+        if not self.masked:
+            return buf[start:stop]
+        key = buf[key_at : key_at + 4] if key_at >= 0 else self._frame_key
+        return apply_mask(buf[start:stop], _rotate(key, offset))
+
+    def _control_payload(self, buf: bytes, pos: int, hlen: int, end: int) -> bytes:
+        return bytes(self._plain(buf, pos + hlen, end, pos + hlen - 4, 0))
+
+    def _utf8_ok(self, plain: bytes | bytearray, final: bool) -> bool:
+        """Whether the text so far is UTF-8; an incomplete character at the end waits for the next piece
+        (at most three bytes are kept)."""
+        tail = self._utf8_tail
+        if tail:
+            plain = tail + plain
+        try:
+            used = utf_8_decode(plain, "strict", final)[1]
+        except UnicodeDecodeError:
+            return False
+        self._utf8_tail = bytes(plain[used:]) if used < len(plain) else b""
+        return True
+
+    def _invalid_utf8(self) -> Violation:
+        assert self.checker is not None
+        return self.checker.invalid_utf8()
+
+    def _close(self, buf: bytes, pos: int, hlen: int, end: int, masked: int | bool) -> None:
+        """The side's close frame: validated (a bad one is a failure, answered 1002 or 1007), reported."""
+        payload = (
+            bytes(self._plain(buf, pos + hlen, end, pos + hlen - 4, 0)) if masked else buf[pos + hlen : end]
+        )
+        try:
+            self.close_code, self.close_reason = parse_close(payload)
+        except ProtocolError as error:
+            if not self.discarding:
+                self._fail(error.code, str(error))
+            self.close_code, self.close_reason = None, ""
+            payload = b""
+        self.close_payload = payload
+        self.events |= Events.CLOSE
+
+    def _part(self, buf: bytes, start: int, stop: int, pieces: list[bytes | bytearray]) -> bool:
+        """Act on ``buf[start:stop]``, the next payload bytes of the frame being read; False when they
+        broke a rule (the failure is recorded)."""
+        count = stop - start
+        self._remaining -= count
+        mode = self._mode
+        if mode == _SKIP:
+            return True
+        offset = self._offset
+        self._offset = offset + count
+        last = not self._remaining
+        if not count and not last:
+            return True  # the header alone arrived: nothing to pass on yet
+        if mode == _GATHER:
+            self._gathered += self._plain(buf, start, stop, -1, offset)
+            return True
+        first_byte = (_FIN if last and self._fin else 0) | self._out_opcode
+        self._out_opcode = 0
+        if mode == _UTF8:
+            plain = self._plain(buf, start, stop, -1, offset)
+            if not self._utf8_ok(plain, last and self._fin):
+                violation = self._invalid_utf8()
+                self._fail(violation.code, violation.reason)
+                return False
+            if self.masked:
+                new_key = MASKS.next()
+                pieces.append(encode_header(first_byte, count, new_key) + apply_mask(plain, new_key))
+            else:
+                pieces.append(encode_header(first_byte, count, None) + plain)
+            return True
+        if self.masked:
+            new_key = MASKS.next()
+            combined = (
+                int.from_bytes(_rotate(self._frame_key, offset), "little") ^ int.from_bytes(new_key, "little")
+            ).to_bytes(4, "little")
+            pieces.append(encode_header(first_byte, count, new_key))
+            pieces.append(apply_mask(buf[start:stop], combined))
+        else:
+            pieces.append(encode_header(first_byte, count, None))
+            pieces.append(buf[start:stop])
+        return True
+
+    def _frame_done(self, pieces: list[bytes | bytearray]) -> bool:
+        """The frame being read is complete; at the end of a message, act on it. False on a failure."""
+        if not self._fin:
+            return True
+        mode = self._mode
+        if mode == _GATHER:
+            checker = self.checker
+            assert checker is not None
+            gathered, self._gathered = self._gathered, bytearray()
+            violation = checker.content(self._message_opcode, gathered)
+            if violation is not None:
+                if not violation.drop:
+                    self._fail(violation.code, violation.reason)
+                    return False
+                checker.dropped += 1
+                return True
+            pieces.append(self.frame_to_peer(self._message_opcode, gathered))
+        if mode != _SKIP:
+            self.messages += 1
+        return True
+
+    def frame_to_peer(self, opcode: int, payload: bytes | bytearray) -> bytes:
+        """A whole frame for the other side (masked towards the upstream, so when this side is a client)."""
+        return encode_frame(opcode, payload, MASKS.next() if self.masked else None)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """The side broke a rule, a limit or the protocol: report it, and skip its frames from now on."""
+        self.events |= Events.FAIL
+        self.fail_code = code
+        self.fail_reason = reason
+        self.discard()
+        self._in_message = False
+        self._mode = _SKIP
+        self._fin = False
+
+
+class _TooBig(Exception):
+    """Inside receive_data only: the message is over max_message_bytes or max_fragments (1009)."""
+
+
+class _BadText(Exception):
+    """Inside receive_data only: a whole text frame is not UTF-8."""
+
+
+class _Refused(Exception):
+    """Inside receive_data only: a rule in "close" mode refused a frame."""
+
+    def __init__(self, violation: Violation) -> None:
+        super().__init__(violation.reason)
+        self.violation = violation
