@@ -6,6 +6,7 @@ tested against its own encoder.
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 
@@ -416,7 +417,7 @@ def outcome(reader: FrameReader, chunks: list[bytes]) -> tuple[list[tuple[int, b
 
 def cut(data: bytes, points: list[int]) -> list[bytes]:
     edges = sorted({0, len(data), *(p % (len(data) + 1) for p in points)})
-    return [data[a:b] for a, b in zip(edges, edges[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(edges)]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
