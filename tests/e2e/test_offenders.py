@@ -67,7 +67,7 @@ async def test_an_offender_that_never_answers_the_close_is_cut_after_close_timeo
     assert 0.4 <= loop.time() - started <= 2.0
 
 
-async def test_three_hundred_pings_on_a_route_limited_to_ten_messages_per_second(gateway, upstream, log_events):
+async def test_three_hundred_pings_on_a_route_limited_to_ten_per_second(gateway, upstream, log_events):
     gw = await gateway(
         f"""
         routes:
