@@ -142,12 +142,13 @@ async def test_a_dead_client_is_found_although_the_upstream_keeps_sending(gatewa
             policy(ticking.url(), "ping_interval: 300ms, ping_timeout: 300ms, idle_timeout: 1h")
         )
         loop = asyncio.get_running_loop()
-        ws, _ = await RawClient.connect(gw.port, "/")  # held open, but never read nor answered
+        silent, _ = await RawClient.connect(gw.port, "/")  # held open, but never read nor answered
         opened = loop.time()
         closed = await log_events.wait_for("session.close", timeout=5)
         assert (closed["code"], closed["reason"]) == (1011, "keepalive timeout")
         assert loop.time() - opened <= 0.6 + 0.4
         assert ticking.opcodes(CLOSE)[0][:2] == struct.pack("!H", 1001)
+        silent.abort()
     finally:
         await ticking.stop()
 
