@@ -347,7 +347,10 @@ def open_fds() -> int:
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
     """Every async test runs on uvloop, the loop wsgate runs on, and on asyncio's own loop, its fallback
-    where uvloop is missing: their transports differ in ways that have broken code before."""
+    where uvloop is missing: their transports differ in ways that have broken code before. A test of the
+    ``wsgate serve`` process alone (marked ``serve_process``) runs once: the gateway's loop is its own."""
     import uvloop
 
+    if item.get_closest_marker("serve_process"):
+        return {"uvloop": uvloop.new_event_loop}
     return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
