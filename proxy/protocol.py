@@ -515,14 +515,13 @@ class FrameReader:
                     return False
                 checker.dropped += 1
                 return True
-            pieces.append(self.frame_to_peer(self._message_opcode, gathered))
+            # Header and payload as two pieces: joining them would copy the message once more.
+            key = MASKS.next() if self.masked else None
+            pieces.append(encode_header(_FIN | self._message_opcode, len(gathered), key))
+            pieces.append(apply_mask(gathered, key) if key is not None else gathered)
         if mode != _SKIP:
             self.messages += 1
         return True
-
-    def frame_to_peer(self, opcode: int, payload: bytes | bytearray) -> bytes:
-        """A whole frame for the other side (masked towards the upstream, so when this side is a client)."""
-        return encode_frame(opcode, payload, MASKS.next() if self.masked else None)
 
     def _fail(self, code: int, reason: str) -> None:
         """The side broke a rule, a limit or the protocol: report it, and skip its frames from now on."""
