@@ -95,7 +95,7 @@ class EchoUpstream(asyncio.Protocol):
                 self.transport.write(bytes([0x88, len(payload)]) + payload)
                 self.transport.close()
                 return
-            out.append(_frame(opcode, payload, None))
+            out.append(_frame(opcode, payload, None, fin=bool(b0 & 0x80)))
             pos += total
         del buf[:pos]
         if out:
@@ -116,15 +116,16 @@ def run_upstream(port: int) -> None:
 # -- client ---------------------------------------------------------------------------------------
 
 
-def _frame(opcode: int, payload: bytes, mask: bytes | None) -> bytes:
+def _frame(opcode: int, payload: bytes, mask: bytes | None, fin: bool = True) -> bytes:
     length = len(payload)
     mask_bit = 0x80 if mask else 0
+    first = (0x80 if fin else 0) | opcode
     if length < 126:
-        head = bytes([0x80 | opcode, mask_bit | length])
+        head = bytes([first, mask_bit | length])
     elif length < 65536:
-        head = bytes([0x80 | opcode, mask_bit | 126]) + length.to_bytes(2, "big")
+        head = bytes([first, mask_bit | 126]) + length.to_bytes(2, "big")
     else:
-        head = bytes([0x80 | opcode, mask_bit | 127]) + length.to_bytes(8, "big")
+        head = bytes([first, mask_bit | 127]) + length.to_bytes(8, "big")
     if mask is None:
         return head + payload
     repeated = (mask * (length // 4 + 1))[:length]
@@ -133,7 +134,8 @@ def _frame(opcode: int, payload: bytes, mask: bytes | None) -> bytes:
 
 
 class Client(asyncio.Protocol):
-    """Counts whole frames received (server frames are unmasked); wakes a waiter at a target count."""
+    """Counts whole messages received (a proxy may pass a message on as several frames: the frames that
+    end one are counted); wakes a waiter at a target count."""
 
     def __init__(self) -> None:
         self.buffer = bytearray()
@@ -172,8 +174,9 @@ class Client(asyncio.Protocol):
                 length, hlen = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
             if n - pos < hlen + length:
                 break
+            if buf[pos] & 0x80 and not buf[pos] & 0x08:
+                count += 1
             pos += hlen + length
-            count += 1
         del buf[:pos]
         self.received += count
         if self.waiter is not None and self.received >= self.target and not self.waiter.done():
@@ -286,9 +289,12 @@ def guarded_path() -> str:
     return f"/guarded?access_token={token}"
 
 
-def start_wsgate(upstream_port: int, workdir: Path) -> tuple[subprocess.Popen[bytes], int, list[int]]:
+def start_wsgate(
+    upstream_port: int, workdir: Path, repo: Path = REPO
+) -> tuple[subprocess.Popen[bytes], int, list[int]]:
+    """``wsgate serve`` from the checkout ``repo`` (this one unless --baseline names another)."""
     port = free_port()
-    policy = workdir / "bench.yaml"
+    policy = workdir / f"bench-{port}.yaml"
     policy.write_text(
         textwrap.dedent(
             f"""\
@@ -322,7 +328,7 @@ def start_wsgate(upstream_port: int, workdir: Path) -> tuple[subprocess.Popen[by
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "proxy", "serve", "-c", str(policy), "--log-level", "warning"],
-        cwd=REPO,
+        cwd=repo,
         stdout=subprocess.DEVNULL,
         env={**os.environ, "WSGATE_BENCH_SECRET": BENCH_SECRET},
     )
@@ -416,6 +422,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tenth of the work, for a smoke run")
     parser.add_argument("--no-nginx", action="store_true")
     parser.add_argument("--text", action="store_true", help="text messages (UTF-8 checked) instead of binary")
+    parser.add_argument(
+        "--baseline", type=Path, help="another checkout of wsgate, measured in turn with this one (A B A B)"
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="rounds over the wsgate targets; medians shown")
     args = parser.parse_args()
     global TEXT_MESSAGES
     TEXT_MESSAGES = args.text
@@ -435,10 +445,17 @@ def main() -> None:
 
             runner = uvloop.run
             results["direct"] = runner(measure("direct", upstream_port, [], args))
-            process, port, pids = start_wsgate(upstream_port, workdir)
-            procs.append(process)
-            results["wsgate"] = runner(measure("wsgate", port, pids, args))
-            results["wsgate+guards"] = runner(measure("wsgate+guards", port, pids, args, guarded_path()))
+            gateways = {"wsgate": start_wsgate(upstream_port, workdir)}
+            if args.baseline is not None:
+                gateways["baseline"] = start_wsgate(upstream_port, workdir, args.baseline.resolve())
+            procs.extend(process for process, _, _ in gateways.values())
+            rounds: dict[str, list[dict[str, float]]] = {}
+            for _ in range(args.repeat):
+                for name, (_, port, pids) in gateways.items():
+                    for target, path in ((name, "/echo"), (f"{name}+guards", guarded_path())):
+                        rounds.setdefault(target, []).append(runner(measure(target, port, pids, args, path)))
+            for target, runs in rounds.items():
+                results[target] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
             if not args.no_nginx:
                 started = start_nginx(upstream_port, workdir)
                 if started is not None:
