@@ -347,7 +347,9 @@ class FrameReader:
                             raise _BadText()
                         if masked:
                             new_key = MASKS.next()
-                            pieces.append(buf[pos : pos + hlen - 4] + new_key + apply_mask(plain, new_key))
+                            _append_small(
+                                pieces, buf[pos : pos + hlen - 4] + new_key, apply_mask(plain, new_key)
+                            )
                         elif run < 0:
                             run = pos
                     elif masked:
@@ -410,7 +412,7 @@ class FrameReader:
         ).to_bytes(4, "little")
         payload = apply_mask(buf[pos + hlen : end], combined)
         if end - pos < 4096:
-            pieces.append(buf[pos : pos + hlen - 4] + new_key + payload)
+            _append_small(pieces, buf[pos : pos + hlen - 4] + new_key, payload)
         else:
             pieces.append(buf[pos : pos + hlen - 4] + new_key)
             pieces.append(payload)
@@ -532,6 +534,21 @@ class FrameReader:
         self._in_message = False
         self._mode = _SKIP
         self._fin = False
+
+
+def _append_small(pieces: list[bytes | bytearray], head: bytes, payload: bytes | bytearray) -> None:
+    """Add a small re-masked frame to the last piece when that is a buffer of such frames: a read of many
+    tiny frames would otherwise hold one object per frame until it is written (a 256 KiB read of empty
+    frames is 43,000 of them)."""
+    if pieces:
+        last = pieces[-1]
+        if isinstance(last, bytearray) and len(last) < 65536:
+            last += head
+            last += payload
+            return
+    joined = bytearray(head)
+    joined += payload
+    pieces.append(joined)
 
 
 class _TooBig(Exception):
