@@ -44,6 +44,7 @@ class Leg(asyncio.Protocol):
 
     __slots__ = (
         "_close_timer",
+        "_failure",
         "_keepalive",
         "_ping_sent_at",
         "close_received",
@@ -75,6 +76,8 @@ class Leg(asyncio.Protocol):
         #: When this side last sent any byte (monotonic): keepalive pings only a quiet side.
         self.last_received = _monotonic()
         self._ping_sent_at = 0.0
+        #: The close frame payload this side gets for what it broke, once it broke something.
+        self._failure: builtins.bytes | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._keepalive: asyncio.TimerHandle | None = None
 
@@ -238,10 +241,12 @@ class Leg(asyncio.Protocol):
     def _send_close_payload(self, payload: builtins.bytes | bytearray) -> None:
         if self.close_sent or self.lost:
             return
+        if self._failure is not None:
+            payload = self._failure  # a side that broke a rule is told why, whatever closes it
         self.close_sent = True
-        # Frames either way are now only read to find the close frames: nothing more may be sent to this
-        # side, and what it still sends has nowhere to go.
-        self.reader.discard()
+        # Nothing more may be sent to this side (RFC 6455 5.5.1): what the other side still sends is only
+        # read to find its close frame. What this side sends still reaches the other side until that one
+        # is closed too.
         self.peer.reader.discard()
         self.transport.write(self.reader.frame_to_side(_CLOSE, payload))
         if self.close_received:
@@ -254,11 +259,21 @@ class Leg(asyncio.Protocol):
         self._close_timer = self.session.loop.call_later(timeout, self._shutdown, True)
 
     def fail(self, code: int, reason: str) -> None:
-        """This side broke the protocol, a limit or a rule: it gets ``code`` and is read until its close
-        frame (a lingering close); the other side gets a going-away, or 1014 when the upstream broke."""
+        """This side broke the protocol, a limit or a rule: from now on what it sends is discarded; the
+        other side gets a going-away (1014 when the upstream broke), and this side gets ``code`` once the
+        other side's close handshake is done (or ``close_timeout`` passed): what the other side had already
+        sent, the answers to this side's earlier messages, still reaches it first, as it would without a
+        gateway in between. This side is then read until its close frame (a lingering close)."""
         self.session.note_close("gateway", code, reason)
-        self.send_close(code, reason)
-        if code == CloseCode.MESSAGE_TOO_BIG:
+        self.reader.discard()
+        self._failure = close_payload(code, reason)
+        if self.throttled:
+            self.throttled = False
+            self.transport.resume_reading()
+        peer = self.peer
+        if peer.lost or peer.close_sent:
+            self._send_close_payload(self._failure)
+        elif code == CloseCode.MESSAGE_TOO_BIG:
             self.peer.send_close(CloseCode.GOING_AWAY, f"{self.name} sent a message over the size limit")
         elif self.name == "upstream":
             self.peer.send_close(CloseCode.BAD_GATEWAY, "upstream protocol error")
