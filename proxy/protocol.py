@@ -208,6 +208,7 @@ class FrameReader:
         checker = self.checker
         run = -1  # start of the bytes passed on unchanged since then (frames from the upstream only)
         length = hlen = 0
+        opcode = -1
         try:
             while size - pos >= 2:
                 b0 = buf[pos]
@@ -392,6 +393,11 @@ class FrameReader:
                 self._fail(violation.code, violation.reason)
             else:
                 self._fail(error.code, str(error))
+                if opcode == _CLOSE:
+                    # A broken close frame is still the side's close: it will send no other.
+                    self.close_payload = b""
+                    self.events |= Events.CLOSE
+                    return
             # The offending frame's payload is skipped, then whatever follows it, until a close frame.
             self._remaining = length
             self._read(buf, pos + hlen, now, pieces)

@@ -36,6 +36,9 @@ from proxy.sessions import Session
 
 _monotonic = time.monotonic
 _CLOSE = 0x8
+#: How long an offender's close waits at most for the other side's close handshake (the answers to the
+#: offender's earlier messages cross first), when ``close_timeout`` is longer.
+ANSWER_GRACE = 1.0
 
 
 class Leg(asyncio.Protocol):
@@ -248,6 +251,7 @@ class Leg(asyncio.Protocol):
         # read to find its close frame. What this side sends still reaches the other side until that one
         # is closed too.
         self.peer.reader.discard()
+        self._cancel_close_timer()
         self.transport.write(self.reader.frame_to_side(_CLOSE, payload))
         if self.close_received:
             self._shutdown()
@@ -273,12 +277,16 @@ class Leg(asyncio.Protocol):
         peer = self.peer
         if peer.lost or peer.close_sent:
             self._send_close_payload(self._failure)
-        elif code == CloseCode.MESSAGE_TOO_BIG:
-            self.peer.send_close(CloseCode.GOING_AWAY, f"{self.name} sent a message over the size limit")
+            return
+        if code == CloseCode.MESSAGE_TOO_BIG:
+            peer.send_close(CloseCode.GOING_AWAY, f"{self.name} sent a message over the size limit")
         elif self.name == "upstream":
-            self.peer.send_close(CloseCode.BAD_GATEWAY, "upstream protocol error")
+            peer.send_close(CloseCode.BAD_GATEWAY, "upstream protocol error")
         else:
-            self.peer.send_close(CloseCode.GOING_AWAY, "client closed by gateway")
+            peer.send_close(CloseCode.GOING_AWAY, "client closed by gateway")
+        # A service that reads nothing (a pure broadcaster) answers no close: the offender waits at most this.
+        grace = min(self.session.route.limits.close_timeout, ANSWER_GRACE)
+        self._close_timer = self.session.loop.call_later(grace, self._send_close_payload, self._failure)
 
     def _shutdown(self, abort: bool = False) -> None:
         """Both close frames crossed on this connection (or time ran out): close the socket.
@@ -297,10 +305,13 @@ class Leg(asyncio.Protocol):
             timeout = self.session.route.limits.close_timeout
             self._close_timer = self.session.loop.call_later(timeout, self.transport.abort)
 
-    def _cancel_timers(self) -> None:
+    def _cancel_close_timer(self) -> None:
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
+
+    def _cancel_timers(self) -> None:
+        self._cancel_close_timer()
         if self._keepalive is not None:
             self._keepalive.cancel()
             self._keepalive = None

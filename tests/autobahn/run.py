@@ -12,7 +12,8 @@ What it does:
 2. an aiohttp echo upstream starts in this process on 127.0.0.1 (ephemeral port): text back as text,
    binary back as binary, no message size limit, pings answered;
 3. ``python -m proxy serve -c POLICY`` starts in front of it, with a policy relaxed for cases 9.*
-   (``max_message_size: 16MiB``, no message rate, ``auth: none``; every other limit at its default);
+   (``max_message_size: 16MiB``, ``max_fragments: 1000000``, no message rate, ``auth: none``; every other
+   limit at its default);
 4. ``wstest -m fuzzingclient`` runs cases 1-7, 9 and 10 against agent ``direct`` (the upstream) and agent
    ``wsgate`` (the same upstream through wsgate). Cases 12 and 13 (permessage-deflate) are out of scope:
    wsgate offers no extensions;
@@ -67,6 +68,7 @@ listen: {{address: "127.0.0.1:0"}}
 admin: {{address: "127.0.0.1:0"}}
 limits:
   max_message_size: 16MiB    # cases 9.1.6 and 9.2.6 send 16 MiB messages
+  max_fragments: 1000000     # cases 9.3.1 and 9.4.1 send 4 MiB in fragments of 64 B: 65,536 of them
   drain_timeout: 5s
 routes:
   - path: /echo
