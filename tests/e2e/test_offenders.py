@@ -85,3 +85,28 @@ async def test_three_hundred_pings_on_a_route_limited_to_ten_per_second(gateway,
     ws.send_close(1008)
     closed = await log_events.wait_for("session.close")
     assert (closed["code"], closed["reason"]) == (1008, "rate limit exceeded")
+
+
+async def test_answers_to_earlier_messages_reach_the_offender_before_its_close(gateway, upstream):
+    gw = await gateway(f"""routes: [{{path: /echo, upstream: "{upstream.url("/echo")}", auth: none}}]""")
+    ws, _ = await RawClient.connect(gw.port, "/echo")
+    ws.send_frame(1, b"first")
+    ws.send_frame(0x3, b"reserved opcode")  # in the same write: the echo of "first" is still on its way
+    assert await ws.recv_message() == (1, b"first")
+    assert (await ws.recv_close()).close_code == 1002
+
+
+async def test_a_broken_close_frame_is_answered_1002_and_the_socket_closed_at_once(gateway, upstream):
+    gw = await gateway(
+        f"""
+        limits: {{close_timeout: 5s}}
+        routes: [{{path: /echo, upstream: "{upstream.url("/echo")}", auth: none}}]
+        """
+    )
+    ws, _ = await RawClient.connect(gw.port, "/echo")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    ws.send_frame(CLOSE, b"\x03\xe8" + b"r" * 124)  # 126 bytes: longer than a control frame may be
+    assert (await ws.recv_close()).close_code == 1002
+    assert await ws.at_eof(timeout=3)
+    assert loop.time() - started < 2  # not held for the close_timeout: no other close frame will come
