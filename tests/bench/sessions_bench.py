@@ -72,6 +72,7 @@ def main() -> None:
     )
     parser.add_argument("--sessions", type=int, default=2000)
     parser.add_argument("--no-nginx", action="store_true")
+    parser.add_argument("--baseline", type=Path, help="another checkout of wsgate, measured after this one")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < args.sessions * 2 + 100:
@@ -91,6 +92,10 @@ def main() -> None:
             process, port, pids = start_wsgate(upstream_port, workdir)
             procs.append(process)
             results["wsgate"] = uvloop.run(measure(port, pids, args.sessions))
+            if args.baseline is not None:
+                process, port, pids = start_wsgate(upstream_port, workdir, args.baseline.resolve())
+                procs.append(process)
+                results["baseline"] = uvloop.run(measure(port, pids, args.sessions))
             if not args.no_nginx:
                 started = start_nginx(upstream_port, workdir)
                 if started is not None:
@@ -99,10 +104,10 @@ def main() -> None:
         finally:
             stop_all(procs, upstream)
     print(f"\nsession benchmark: {args.sessions} sessions opened one by one and held open")
-    print(f"{'target':<8} {'handshakes/s':>13} {'KiB/session':>12} {'CPU ms/handshake':>17}")
+    print(f"{'target':<9} {'handshakes/s':>13} {'KiB/session':>12} {'CPU ms/handshake':>17}")
     for name, figures in results.items():
         print(
-            f"{name:<8} {figures['handshakes_per_s']:>13.0f} {figures['kib_per_session']:>12.1f} "
+            f"{name:<9} {figures['handshakes_per_s']:>13.0f} {figures['kib_per_session']:>12.1f} "
             f"{figures['cpu_ms_per_handshake']:>17.3f}"
         )
 
