@@ -30,6 +30,12 @@ from proxy.errors import CloseCode
 from proxy.frames import MaskSource, ProtocolError, apply_mask, encode_frame, encode_header, parse_close
 from proxy.rules import MessageChecker, Violation
 
+#: Frames read in one turn at most: a read of 256 KiB of empty frames is 43,000 of them, and other
+#: sessions wait while one turn runs (about 2 µs a frame).
+FRAMES_PER_TURN = 2048
+#: Pieces of a frame smaller than this are held until this much (or the frame's end) arrived.
+HOLD_BYTES = 4096
+
 #: What happens to the payload of the frame being read.
 _FORWARD, _UTF8, _GATHER, _SKIP = 0, 1, 2, 3
 _TEXT, _CLOSE, _PING, _PONG = 0x1, 0x8, 0x9, 0xA
@@ -68,6 +74,7 @@ class FrameReader:
         "_fragments",
         "_frame_key",
         "_gathered",
+        "_hold",
         "_in_message",
         "_message_bytes",
         "_message_mode",
@@ -78,6 +85,7 @@ class FrameReader:
         "_partial",
         "_remaining",
         "_utf8_tail",
+        "backlogged",
         "bytes",
         "checker",
         "close_code",
@@ -110,6 +118,9 @@ class FrameReader:
         self.checker = checker
         #: What the last receive_data call found, besides frames to forward.
         self.events = Events.NONE
+        #: Whether the last call stopped after FRAMES_PER_TURN frames: the rest of its input waits for a
+        #: ``receive_data(b"")`` (the relay stops reading this side meanwhile).
+        self.backlogged = False
         self.fail_code = 0
         self.fail_reason = ""
         #: The side's close frame, once it arrived: its payload (b"" for none, or for an invalid one) and
@@ -141,6 +152,7 @@ class FrameReader:
         self._message_bytes = 0
         self._fragments = 0
         self._gathered = bytearray()
+        self._hold = bytearray()
         self._utf8_tail = b""
 
     # -- what the adapter asks for ---------------------------------------------------------------
@@ -149,6 +161,7 @@ class FrameReader:
         """The gateway sent this side a close frame: from now on its frames are skipped until its close."""
         self.discarding = True
         self._gathered = bytearray()
+        self._hold = bytearray()
         self._utf8_tail = b""
         if self._remaining:
             self._mode = _SKIP
@@ -166,7 +179,7 @@ class FrameReader:
     def buffered_bytes(self) -> int:
         """Bytes held between calls: the partial header or control frame, the UTF-8 tail and the
         message being gathered (what the memory bound in the module docstring counts)."""
-        return len(self._partial) + len(self._utf8_tail) + len(self._gathered)
+        return len(self._partial) + len(self._utf8_tail) + len(self._gathered) + len(self._hold)
 
     # -- bytes in ----------------------------------------------------------------------------------
 
@@ -174,6 +187,7 @@ class FrameReader:
         """Read ``data``, sent by this side at ``now`` (monotonic seconds); return the bytes to write to
         the other side, in order. What else happened is in :attr:`events`."""
         self.events = Events.NONE
+        self.backlogged = False
         pieces: list[bytes | bytearray] = []
         if self.close_payload is not None:
             return pieces  # nothing may follow a close frame (RFC 6455 5.5.1)
@@ -209,8 +223,13 @@ class FrameReader:
         run = -1  # start of the bytes passed on unchanged since then (frames from the upstream only)
         length = hlen = 0
         opcode = -1
+        budget = FRAMES_PER_TURN
         try:
             while size - pos >= 2:
+                if not budget:
+                    self.backlogged = True  # the rest waits for its turn: other sessions go first
+                    break
+                budget -= 1
                 b0 = buf[pos]
                 b1 = buf[pos + 1]
                 length = b1 & 0x7F
@@ -253,6 +272,10 @@ class FrameReader:
                     )
                 if b0 & _RSV:
                     raise ProtocolError("reserved bits set, but no extension was negotiated")
+                if (b1 & 0x7F == 126 and length < 126) or (b1 & 0x7F == 127 and length < 65536):
+                    raise ProtocolError("frame length not in its shortest form")  # RFC 6455 5.2
+                if length >> 63:
+                    raise ProtocolError("frame length over 2**63 - 1")
                 if opcode & 0x8:
                     # -- a control frame: acted on when whole (at most 125 bytes) ----------------------
                     if not b0 & _FIN or length > 125:
@@ -405,7 +428,8 @@ class FrameReader:
         if run >= 0 and pos > run:
             pieces.append(buf if run == 0 and pos == size else buf[run:pos])
         if pos < size:
-            self._partial = buf[pos:]  # at most a frame header, or a control frame of 125 bytes
+            # a frame header or a control frame of 125 bytes, or the rest of a read left for the next turn
+            self._partial = buf[pos:]
 
     # -- helpers of _read ----------------------------------------------------------------------------
 
@@ -481,14 +505,26 @@ class FrameReader:
         if mode == _GATHER:
             self._gathered += self._plain(buf, start, stop, -1, offset)
             return True
-        first_byte = (_FIN if last and self._fin else 0) | self._out_opcode
-        self._out_opcode = 0
+        plain: bytes | bytearray | None = None
         if mode == _UTF8:
             plain = self._plain(buf, start, stop, -1, offset)
             if not self._utf8_ok(plain, last and self._fin):
                 violation = self._invalid_utf8()
                 self._fail(violation.code, violation.reason)
                 return False
+        if self._hold or (count < HOLD_BYTES and not last):
+            # Small pieces of a frame (a sender trickling its bytes) are held until HOLD_BYTES or the
+            # frame's end, so the other side gets at most one frame per HOLD_BYTES of payload.
+            self._hold += plain if plain is not None else self._plain(buf, start, stop, -1, offset)
+            if len(self._hold) < HOLD_BYTES and not last:
+                return True
+            plain, self._hold = self._hold, bytearray()
+            mode = _UTF8  # passed on as plain bytes
+            count = len(plain)
+        first_byte = (_FIN if last and self._fin else 0) | self._out_opcode
+        self._out_opcode = 0
+        if mode == _UTF8:
+            assert plain is not None
             if self.masked:
                 new_key = MASKS.next()
                 pieces.append(encode_header(first_byte, count, new_key) + apply_mask(plain, new_key))

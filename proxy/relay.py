@@ -24,6 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
+import fcntl
+import socket
+import struct
+import termios
 import time
 
 from proxy import logs
@@ -47,9 +52,12 @@ class Leg(asyncio.Protocol):
 
     __slots__ = (
         "_close_timer",
+        "_drained_at_ping",
         "_failure",
         "_keepalive",
+        "_ping_queued_after",
         "_ping_sent_at",
+        "backlogged",
         "close_received",
         "close_sent",
         "last_received",
@@ -57,6 +65,7 @@ class Leg(asyncio.Protocol):
         "name",
         "peer",
         "reader",
+        "sent",
         "session",
         "throttled",
         "transport",
@@ -71,8 +80,16 @@ class Leg(asyncio.Protocol):
         self.transport = transport
         self.peer: Leg
         self.reader = reader
-        #: Whether reading from this side is paused because the other side's write buffer is full.
+        #: Whether reading from this side is paused because the other side's write buffer is full, and
+        #: because a read held more frames than one turn takes.
         self.throttled = False
+        self.backlogged = False
+        #: Bytes written to this side's transport: with what is still queued, how much it took.
+        self.sent = 0
+        #: At the last keepalive check: how much of ``sent`` the side had taken, and how much was sent
+        #: before the gateway's ping (what the ping waits behind).
+        self._drained_at_ping = 0
+        self._ping_queued_after = 0
         self.close_received = False
         self.close_sent = False
         self.lost = False
@@ -121,22 +138,54 @@ class Leg(asyncio.Protocol):
             logs.LOGGER.exception("relay.error", extra={"fields": fields})
             self.fail(CloseCode.INTERNAL_ERROR, "internal error")
             return
-        if pieces and not self.peer.lost:
-            transport = self.peer.transport
+        peer = self.peer
+        if pieces and not peer.lost:
+            transport = peer.transport
             if len(pieces) == 1:
-                transport.write(pieces[0])
+                piece = pieces[0]
+                transport.write(piece)
+                peer.sent += len(piece)
             elif len(pieces) <= 16:
                 # a few (large) pieces: handed over without copying them into one buffer
                 transport.writelines(pieces)
+                peer.sent += sum(map(len, pieces))
             else:
                 # many small frames: one joined write is cheaper than many pieces
-                transport.write(b"".join(pieces))
+                joined = b"".join(pieces)
+                transport.write(joined)
+                peer.sent += len(joined)
+        if reader.backlogged:
+            # The read held more frames than one turn takes: stop reading this side, let the other
+            # sessions run, and go on with the rest on the next turn of the loop.
+            if not self.backlogged:
+                self.backlogged = True
+                self.transport.pause_reading()
+            self.session.loop.call_soon(self._next_turn)
+        elif self.backlogged:
+            self.backlogged = False
+            self._read_again()
         events = reader.events
         if events:
             if events & Events.FAIL:
                 self.fail(reader.fail_code, reader.fail_reason)
             if events & Events.CLOSE:
                 self._close_received()
+
+    def _read_again(self) -> None:
+        """Read this side again unless something still holds it: a backlog of its frames, or the other
+        side's full write buffer while its frames are forwarded there (what it sends after the gateway
+        closed it is only discarded: backpressure no longer applies)."""
+        if self.lost or self.backlogged:
+            return
+        if self.throttled:
+            if not self.reader.discarding:
+                return
+            self.throttled = False
+        self.transport.resume_reading()
+
+    def _next_turn(self) -> None:
+        if not self.lost:
+            self.data_received(b"")
 
     def pause_writing(self) -> None:
         """Our transport's buffer is full: stop reading from the side that fills it."""
@@ -151,8 +200,7 @@ class Leg(asyncio.Protocol):
         peer = self.peer
         if peer.throttled:
             peer.throttled = False
-            if not peer.lost:
-                peer.transport.resume_reading()
+            peer._read_again()
 
     def eof_received(self) -> bool:
         """A half-close ends the leg like a reset; returning False lets asyncio close the transport."""
@@ -196,28 +244,63 @@ class Leg(asyncio.Protocol):
             # A ping is out and ping_timeout has passed. Bytes after the ping prove the side is there
             # (its pong may wait behind them), and so does a side the gateway stopped reading.
             if self.last_received <= self._ping_sent_at and not self.throttled:
-                self._keepalive_timeout()
+                drained = self._drained()
+                behind_data = self._drained_at_ping < self._ping_queued_after
+                if not behind_data or drained <= self._drained_at_ping:
+                    self._keepalive_timeout()
+                    return
+                # The ping was queued behind data for a slow reader, and the side took some of it since:
+                # a live peer whose pong cannot come before the ping reaches it. Wait another ping_timeout.
+                self._drained_at_ping = drained
+                self._ping_sent_at = now
+                self._keepalive = loop.call_later(limits.ping_timeout, self._keepalive_due)
                 return
             self._ping_sent_at = 0.0
         quiet_for = now - self.last_received
         if quiet_for < limits.ping_interval:
             self._keepalive = loop.call_later(limits.ping_interval - quiet_for, self._keepalive_due)
             return
-        self.transport.write(self.reader.ping())
+        ping = self.reader.ping()
+        self._ping_queued_after = self.sent
+        self.transport.write(ping)
+        self.sent += len(ping)
         if limits.ping_timeout > 0:
             self._ping_sent_at = now
+            self._drained_at_ping = self._drained()
             self._keepalive = loop.call_later(limits.ping_timeout, self._keepalive_due)
         else:
             self._keepalive = loop.call_later(limits.ping_interval, self._keepalive_due)
+
+    def _drained(self) -> int:
+        """Bytes this side has taken (acknowledged) of what the relay wrote to it."""
+        return self.sent - self._queued()
+
+    def _queued(self) -> int:
+        """Bytes written to this side and not yet acknowledged: in the transport's buffer and, where the
+        kernel says, in its socket."""
+        queued = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            # Where the ioctl is missing, the transport's own buffer is all there is to go on.
+            with contextlib.suppress(OSError):
+                queued += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        return queued
 
     def _keepalive_timeout(self) -> None:
         """No answer to a ping: the peer is gone. Say so (it will likely never read it) and cut the socket;
         the other side gets a going-away."""
         self.session.note_close("gateway", CloseCode.INTERNAL_ERROR, "keepalive timeout")
         self.close_sent = True
+        stuck = self._queued()
         goodbye = close_payload(CloseCode.INTERNAL_ERROR, "keepalive timeout")
         self.transport.write(self.reader.frame_to_side(_CLOSE, goodbye))
         self.peer.send_close(CloseCode.GOING_AWAY, f"{self.name} did not answer a ping")
+        sock = self.transport.get_extra_info("socket")
+        if stuck and sock is not None:
+            # Data the peer never took would keep the kernel retransmitting to it for minutes after the
+            # close: a reset drops it at once.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.transport.abort()
 
     # -- closing ------------------------------------------------------------------------
@@ -256,9 +339,8 @@ class Leg(asyncio.Protocol):
         if self.close_received:
             self._shutdown()
             return
-        # It may be paused by backpressure; it must be read to see its close.
-        self.throttled = False
-        self.transport.resume_reading()
+        # It must be read to see its close (still under backpressure while its frames are forwarded).
+        self._read_again()
         timeout = self.session.route.limits.close_timeout
         self._close_timer = self.session.loop.call_later(timeout, self._shutdown, True)
 
@@ -271,9 +353,7 @@ class Leg(asyncio.Protocol):
         self.session.note_close("gateway", code, reason)
         self.reader.discard()
         self._failure = close_payload(code, reason)
-        if self.throttled:
-            self.throttled = False
-            self.transport.resume_reading()
+        self._read_again()
         peer = self.peer
         if peer.lost or peer.close_sent:
             self._send_close_payload(self._failure)
@@ -373,8 +453,8 @@ def start_relay(
         client.data_received(client_pending)
     for leg in (client, upstream):
         # A leg stays paused if relaying the pending bytes already filled its peer's write buffer.
-        if not leg.lost and not leg.transport.is_closing() and not leg.throttled:
-            leg.transport.resume_reading()
+        if not leg.transport.is_closing():
+            leg._read_again()
         leg.start_keepalive()
 
 

@@ -9,8 +9,12 @@ at most its high-water mark (64 KiB) plus what one read of the other side produc
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import json
 import struct
+import sys
 import textwrap
 from pathlib import Path
 
@@ -23,6 +27,7 @@ MIB = 1024 * KIB
 SESSION_BOUND = 2 * (64 * KIB + 256 * KIB + 142)
 #: What the interpreter's allocator and first use of code paths may add to any measurement.
 SLACK = 4 * MIB
+OFFENDER = Path(__file__).resolve().parent.parent / "offender.py"
 
 pytestmark = pytest.mark.serve_process
 
@@ -203,3 +208,79 @@ async def test_twenty_sessions_of_200k_fragments_each_stay_within_the_bound(
     growth = await peak_growth(process.process.pid, work)
     assert work.result() == [(0x1, document)] * 20
     assert growth <= 20 * (len(document) + SESSION_BOUND) + SLACK, f"RSS grew {growth / MIB:.1f} MiB"
+
+
+async def discarding_upstream() -> tuple[asyncio.Server, int]:
+    """A service that accepts the WebSocket and drops what it gets unread: the floods' cost stays in the
+    gateway, not in this process."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        key = next(
+            line.split(":", 1)[1].strip()
+            for line in head.split("\r\n")
+            if line.lower().startswith("sec-websocket-key")
+        )
+        accept = base64.b64encode(
+            hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
+        )
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(1 << 20):
+                pass
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_a_client_flooding_tiny_frames_does_not_stall_other_sessions(
+    wsgate_process, tmp_path, upstream
+):
+    sink, sink_port = await discarding_upstream()
+    port = free_port()
+    policy = tmp_path / "fair.yaml"
+    policy.write_text(
+        textwrap.dedent(
+            f"""\
+            version: 1
+            listen: {{address: "127.0.0.1:{port}"}}
+            admin: {{address: "127.0.0.1:0"}}
+            routes:
+              - {{path: /flood, upstream: "ws://127.0.0.1:{sink_port}/", auth: none}}
+              - {{path: /probe, upstream: "{upstream.url("/echo")}", auth: none}}
+            """
+        )
+    )
+    wsgate_process("serve", "-c", str(policy), "--log-level", "warning")
+    for _ in range(200):
+        with contextlib.suppress(OSError):
+            _, probe_writer = await asyncio.open_connection("127.0.0.1", port)
+            probe_writer.close()
+            break
+        await asyncio.sleep(0.05)
+    reader, writer = await connect(port, "/probe")  # one echo at a time, its round trips timed
+    flood = [sys.executable, str(OFFENDER), "flood", f"127.0.0.1:{port}/flood", "empty", "3"]
+    flooders = [
+        await asyncio.create_subprocess_exec(*flood, stdout=asyncio.subprocess.PIPE) for _ in range(2)
+    ]
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(0.5)  # the floods are under way
+    worst = 0.0
+    rounds = 0
+    started = loop.time()
+    while loop.time() - started < 2.0:
+        sent_at = loop.time()
+        writer.write(masked(0x82, b"probe"))
+        assert (await asyncio.wait_for(first_message_or_close(reader), 10)) == (0x2, b"probe")
+        worst = max(worst, loop.time() - sent_at)
+        rounds += 1
+    for flooder in flooders:
+        stdout, _ = await asyncio.wait_for(flooder.communicate(), 10)
+        assert json.loads(stdout)["sent"] > 1_000_000  # it did flood
+    sink.close()
+    # Before turns were taken, one flooder held the loop for up to 3 s at a time and two for longer.
+    assert worst < 0.5, f"worst round trip {worst:.3f} s over {rounds} rounds"
+    assert rounds >= 20

@@ -8,7 +8,9 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import socket
 import struct
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -248,3 +250,55 @@ def test_default_keepalive_finds_a_dead_peer_within_a_minute_and_cuts_no_quiet_s
     assert 0 < limits.ping_interval + limits.ping_timeout <= 60
     assert limits.ping_interval <= 30  # below the NAT timeouts of many mobile networks
     assert limits.idle_timeout == 0
+
+
+def read_slowly(port: int, path: str, seconds: float, rate: int) -> tuple[int, int]:
+    """A client on a plain socket with a small receive buffer that reads ``rate`` bytes a second and answers
+    each ping when it gets to it; returns the bytes and the pings it read."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        buffer = bytearray()
+        while b"\r\n\r\n" not in buffer:
+            buffer += sock.recv(4096)
+        del buffer[: buffer.index(b"\r\n\r\n") + 4]
+        received = pings = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            chunk = sock.recv(16 * 1024)
+            assert chunk, "the gateway closed the connection"
+            received += len(chunk)
+            buffer += chunk
+            while len(buffer) >= 2:
+                length, head = buffer[1] & 0x7F, 2
+                if length == 126:
+                    length, head = int.from_bytes(buffer[2:4], "big"), 4
+                elif length == 127:
+                    length, head = int.from_bytes(buffer[2:10], "big"), 10
+                if len(buffer) < head + length:
+                    break
+                opcode, payload = buffer[0] & 0x0F, bytes(buffer[head : head + length])
+                del buffer[: head + length]
+                if opcode == CLOSE:
+                    raise AssertionError(f"closed: {payload!r}")
+                if opcode == PING:
+                    pings += 1
+                    sock.sendall(bytes([0x80 | PONG, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)
+            time.sleep(len(chunk) / rate)
+        return received, pings
+
+
+async def test_a_slow_reader_is_not_taken_for_dead_while_its_ping_waits_behind_data(
+    gateway, upstream, log_events
+):
+    gw = await gateway(policy(upstream.url("/"), "ping_interval: 300ms, ping_timeout: 300ms"))
+    # 26 MB towards a client that reads 400 KB/s: the gateway's pings wait behind megabytes of data
+    received, _pings = await asyncio.to_thread(
+        read_slowly, gw.port, "/flood?count=400&size=65536", 4.0, 400_000
+    )
+    assert received > 1_000_000  # (pings: the gateway's first one may not even have reached it yet)
+    closes = [(entry["code"], entry["reason"]) for entry in log_events.named("session.close")]
+    assert not closes, closes

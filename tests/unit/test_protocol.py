@@ -449,3 +449,43 @@ def test_garbage_never_raises_and_buffers_within_the_bound(
         assert reader.buffered_bytes() <= 14 + 125 + 3 + limit
         # what is forwarded is whole frames only, so the other side can always be sent a close frame
         parse(b"".join(pieces))
+
+
+# -- lengths, trickles and turns --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        (bytes([0x82, 0x80 | 126]) + (5).to_bytes(2, "big"), "frame length not in its shortest form"),
+        (bytes([0x82, 0x80 | 127]) + (300).to_bytes(8, "big"), "frame length not in its shortest form"),
+        (bytes([0x82, 0x80 | 127]) + (1 << 63).to_bytes(8, "big"), "frame length over 2**63 - 1"),
+    ],
+)
+def test_frame_lengths_must_be_in_their_shortest_form(header: bytes, reason: str) -> None:
+    reader = client_reader()
+    feed(reader, header + b"\0\0\0\0")
+    assert (reader.fail_code, reader.fail_reason) == (1002, reason)
+
+
+def test_a_frame_trickled_byte_by_byte_reaches_the_other_side_in_few_frames() -> None:
+    reader = client_reader()
+    payload = bytes(range(256)) * 40  # 10 KiB
+    data = frame(BINARY, payload)
+    out = feed(reader, *(data[i : i + 1] for i in range(len(data))))
+    frames = parse(out)
+    assert len(frames) <= len(payload) // 4096 + 1
+    assert messages(out) == [(BINARY, payload)]
+
+
+def test_a_read_of_many_frames_is_taken_in_turns() -> None:
+    from proxy.protocol import FRAMES_PER_TURN
+
+    reader = client_reader()
+    data = frame(BINARY, b"a") * (FRAMES_PER_TURN * 2 + 10)
+    turns = [reader.receive_data(data, 0.0)]
+    while reader.backlogged:
+        turns.append(reader.receive_data(b"", 0.0))
+    assert len(turns) == 3
+    assert reader.buffered_bytes() == 0
+    assert sum(len(parse(b"".join(turn))) for turn in turns) == FRAMES_PER_TURN * 2 + 10
