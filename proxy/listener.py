@@ -66,10 +66,15 @@ class HandshakeProtocol(asyncio.Protocol):
         limits: Limits,
         tls: bool,
         proxy_protocol: bool,
+        deadline: float,
+        on_open: Callable[[HandshakeProtocol], None],
         on_request: Callable[[HandshakeProtocol, HandshakeRequest], None],
         on_bad_request: Callable[[HandshakeProtocol, Rejection], None],
         on_close: Callable[[HandshakeProtocol], None],
     ) -> None:
+        """``deadline`` (loop time): when the request must have arrived, ``handshake_timeout`` after the
+        connection was accepted, so a TLS handshake spends the same allowance. ``on_open`` is called once
+        the connection is made."""
         self.request_id = new_request_id()
         self.tls = tls
         self.transport: asyncio.Transport
@@ -79,7 +84,8 @@ class HandshakeProtocol(asyncio.Protocol):
         self.lost = False
         self.answered = False
         self.task: asyncio.Task[None] | None = None
-        self._limits = limits
+        self._deadline = deadline
+        self._on_open = on_open
         self._on_request = on_request
         self._on_bad_request = on_bad_request
         self._on_close = on_close
@@ -93,8 +99,8 @@ class HandshakeProtocol(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         self.peer_ip = peer_ip(self.transport.get_extra_info("peername"))
-        timeout = self._limits.handshake_timeout
-        self._timer = asyncio.get_running_loop().call_later(timeout, self._timed_out)
+        self._timer = asyncio.get_running_loop().call_at(self._deadline, self._timed_out)
+        self._on_open(self)
 
     def data_received(self, data: bytes) -> None:
         if self._lingering:
