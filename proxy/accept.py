@@ -1,7 +1,7 @@
 """Listening sockets and an accept loop that survives running out of file descriptors.
 
-wsgate accepts client connections itself instead of leaving it to ``loop.create_server``, because
-neither loop handles a full file table well:
+wsgate accepts connections itself (on the client and the admin listener) instead of leaving it to
+``loop.create_server``, because neither loop handles a full file table well:
 
 * asyncio keeps calling ``accept()`` after ``EMFILE`` for the rest of its batch of ``backlog`` tries, and
   every try calls the exception handler and schedules another retry in 1 s (CPython gh-151615, fixed in

@@ -102,7 +102,7 @@ class Gateway:
         acceptor = Acceptor("client", sockets, self._accepted, self.metrics.accept_failed)
         self.address = Address(*acceptor.address)
         try:
-            self.admin_address = await self.admin.start(self.policy.admin)
+            self.admin_address = await self.admin.start(self.policy.admin, self.metrics.accept_failed)
         except OSError as error:
             acceptor.close()
             raise StartupError(

@@ -311,7 +311,7 @@ class WsgateCollector(Collector):
             "Failed accept() calls, by listener and reason; each pauses that listener's accepting briefly.",
             labels=["listener", "reason"],
         )
-        for listener in ("client",):
+        for listener in ("client", "admin"):
             for reason in ("fd_exhausted", "out_of_memory", "error"):
                 counter.add_metric([listener, reason], metrics.accept_errors.get((listener, reason), 0))
         yield counter
