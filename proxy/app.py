@@ -37,6 +37,10 @@ def _reason(error: OSError) -> str:
     return (error.strerror or str(error)).lower() if error.errno else str(error)
 
 
+#: The answer to a client arriving while ``limits.max_connections`` connections are held.
+OVERLOADED = Rejection(
+    503, "overloaded", "the gateway holds as many connections as it may; retry", (("Retry-After", "1"),)
+)
 #: Connections the kernel may queue on the client listener before wsgate accepts them.
 LISTEN_BACKLOG = 1024
 
@@ -85,7 +89,7 @@ class Gateway:
     @property
     def connection_count(self) -> int:
         """Client connections held: in their TLS handshake, sending or waiting on their upgrade request,
-        refused and lingering, and live sessions."""
+        refused and lingering, and live sessions. What ``limits.max_connections`` bounds."""
         return len(self._connecting) + len(self._handshakes) + len(self.sessions)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -203,7 +207,7 @@ class Gateway:
 
     def _accepted(self, sock: socket.socket) -> None:
         """A client connected: count it, and connect its socket (through TLS on a TLS listener) to the
-        protocol that reads its request."""
+        protocol that reads its request. Above ``max_connections`` that protocol answers 503 at once."""
         loop = asyncio.get_running_loop()
         policy = self.policy
         limits = policy.limits
@@ -216,6 +220,7 @@ class Gateway:
             on_request=self._on_request,
             on_bad_request=self._reject,
             on_close=self._handshakes.discard,
+            refusal=OVERLOADED if self.connection_count >= limits.max_connections else None,
         )
         task = loop.create_task(self._connect(sock, protocol, limits.handshake_timeout))
         self._connecting[protocol] = task

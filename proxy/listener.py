@@ -71,10 +71,11 @@ class HandshakeProtocol(asyncio.Protocol):
         on_request: Callable[[HandshakeProtocol, HandshakeRequest], None],
         on_bad_request: Callable[[HandshakeProtocol, Rejection], None],
         on_close: Callable[[HandshakeProtocol], None],
+        refusal: Rejection | None = None,
     ) -> None:
         """``deadline`` (loop time): when the request must have arrived, ``handshake_timeout`` after the
         connection was accepted, so a TLS handshake spends the same allowance. ``on_open`` is called once
-        the connection is made."""
+        the connection is made; ``refusal``, decided at accept, is the answer to give at once then."""
         self.request_id = new_request_id()
         self.tls = tls
         self.transport: asyncio.Transport
@@ -85,6 +86,7 @@ class HandshakeProtocol(asyncio.Protocol):
         self.answered = False
         self.task: asyncio.Task[None] | None = None
         self._deadline = deadline
+        self._refusal = refusal
         self._on_open = on_open
         self._on_request = on_request
         self._on_bad_request = on_bad_request
@@ -101,6 +103,8 @@ class HandshakeProtocol(asyncio.Protocol):
         self.peer_ip = peer_ip(self.transport.get_extra_info("peername"))
         self._timer = asyncio.get_running_loop().call_at(self._deadline, self._timed_out)
         self._on_open(self)
+        if self._refusal is not None:
+            self._on_bad_request(self, self._refusal)
 
     def data_received(self, data: bytes) -> None:
         if self._lingering:

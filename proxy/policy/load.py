@@ -329,6 +329,7 @@ def _limits(source: _Source, node: yaml.Node, path: str, base: Limits, keys: fro
         "byte_burst": _size,
         "on_rate_limit": _choice("close", "drop"),
         "ipv6_prefix": _positive_int,
+        "max_connections": _positive_int,
     }
     changes: dict[str, Any] = {}
     for key in section.items:

@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from wsraw import RawClient
 
 from proxy.listener import HandshakeProtocol
 
@@ -303,6 +304,22 @@ async def test_stopping_during_a_tls_handshake_cuts_it_and_stops(gateway, upstre
     await asyncio.wait_for(gw.gateway.stop(), 3)
     assert await asyncio.wait_for(reader.read(), 3) == b""
     writer.close()
+
+
+async def test_tls_handshakes_in_progress_count_towards_max_connections(gateway, upstream, pki, log_events):
+    gw = await gateway(tls_route(pki, upstream.url(), ", max_connections: 2").replace("500ms", "30s"))
+    silent = [await asyncio.open_connection("127.0.0.1", gw.port) for _ in range(2)]
+    await wait_until(lambda: gw.gateway.connection_count == 2)
+    _, response = await RawClient.connect(gw.port, "/echo", ssl=client_context(pki["ca"]))
+    assert response.status == 503
+    assert json.loads(response.body)["error"] == "overloaded"
+    assert response.headers["retry-after"] == "1"
+    await log_events.wait_for("handshake.rejected", reason="overloaded")
+    for _, writer in silent:
+        writer.close()
+    await wait_until(lambda: gw.gateway.connection_count == 0)
+    _, response = await RawClient.connect(gw.port, "/echo", ssl=client_context(pki["ca"]))
+    assert response.status == 101
 
 
 async def wait_until(condition, timeout: float = 5.0) -> None:

@@ -233,6 +233,18 @@ routes:
     assert not route.allow_missing_origin
 
 
+def test_max_connections_is_a_positive_policy_wide_limit() -> None:
+    assert parse_policy(f"version: 1\n{ROUTE}").limits.max_connections == 10_000
+    assert parse_policy(f"version: 1\nlimits: {{max_connections: 50}}\n{ROUTE}").limits.max_connections == 50
+    for value in ("0", "-3", "1.5", "lots", "true"):
+        with pytest.raises(PolicyError, match=r"limits\.max_connections: expected a whole number"):
+            parse_policy(f"version: 1\nlimits: {{max_connections: {value}}}\n{ROUTE}")
+    with pytest.raises(PolicyError, match=r"routes\[0\]\.limits\.max_connections: is policy-wide"):
+        parse_policy(
+            "version: 1\nroutes: [{path: /a, upstream: 'ws://x/', auth: none, limits: {max_connections: 5}}]"
+        )
+
+
 @pytest.mark.parametrize(
     ("value", "shown"),
     [
