@@ -41,6 +41,8 @@ def _reason(error: OSError) -> str:
 OVERLOADED = Rejection(
     503, "overloaded", "the gateway holds as many connections as it may; retry", (("Retry-After", "1"),)
 )
+#: The answer to a handshake the gateway's stop catches before its 101.
+DRAINING = Rejection(503, "draining", "the gateway is shutting down; retry", (("Retry-After", "1"),))
 #: Connections the kernel may queue on the client listener before wsgate accepts them.
 LISTEN_BACKLOG = 1024
 
@@ -175,8 +177,8 @@ class Gateway:
         for connecting in list(self._connecting.values()):
             connecting.cancel()  # in their TLS handshake: nothing can be said to them before it ends
         for handshake in list(self._handshakes):
-            if handshake.task is None:
-                handshake.reject(Rejection(503, "draining", "the gateway is shutting down"))
+            if handshake.task is None and not handshake.answered:
+                self._reject(handshake, DRAINING)
         live = len(self.sessions)
         logs.event("gateway.draining", sessions=live, drain_timeout_s=self.policy.limits.drain_timeout)
         self.sessions.close_all(CloseCode.GOING_AWAY, "server shutting down")
@@ -316,9 +318,7 @@ class Gateway:
             upstream.transport.abort()
             await pipeline.release(admission.slots)
             if not connection.lost:
-                self._reject(
-                    connection, Rejection(503, "draining", "the gateway is shutting down"), request, started
-                )
+                self._reject(connection, DRAINING, request, started)
             return
         headers: list[tuple[str, str]] = [
             ("Upgrade", "websocket"),

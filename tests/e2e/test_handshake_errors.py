@@ -197,3 +197,21 @@ async def test_the_header_limit_counts_the_bytes_sent_however_they_arrive(gatewa
     status_line = await asyncio.wait_for(reader.readline(), 3)
     assert b"431" in status_line
     writer.close()
+
+
+async def test_a_request_caught_by_the_stop_is_503_draining_logged_with_retry_after(
+    gateway, upstream, log_events
+):
+    gw = await gateway(route(upstream.url()))  # handshake_timeout 500ms: the stop comes first
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"GET /echo HTTP/1.1\r\n")  # the rest never comes
+    while gw.gateway.connection_count == 0:
+        await asyncio.sleep(0.01)
+    stopping = asyncio.get_running_loop().create_task(gw.gateway.stop())
+    answer = await asyncio.wait_for(reader.read(), 5)
+    assert answer.startswith(b"HTTP/1.1 503 ")
+    assert b"\r\nRetry-After: 1\r\n" in answer and b'"error":"draining"' in answer
+    rejected = await log_events.wait_for("handshake.rejected", reason="draining")
+    assert rejected["status"] == 503
+    await stopping
+    writer.close()
