@@ -43,16 +43,21 @@ def http_response(
 
 
 def rejection_response(rejection: Rejection, request_id: str) -> bytes:
-    """The HTTP answer to a refused handshake: status, headers and ``{"error", "detail", "request_id"}``."""
+    """The HTTP answer to a refused handshake: status, headers and ``{"error", "detail", "request_id"}``.
+
+    It has one ``Connection`` header, ending in ``close`` (the connection is closed after it): the
+    rejection's own ``Connection`` tokens, such as 426's ``Upgrade``, come first in it.
+    """
     body = json.dumps(
         {"error": rejection.reason, "detail": rejection.detail, "request_id": request_id},
         separators=(",", ":"),
     ).encode()
+    connection = [value for name, value in rejection.headers if name.lower() == "connection"]
     headers = [
         ("Content-Type", "application/json"),
-        ("Connection", "close"),
+        ("Connection", ", ".join([*connection, "close"])),
         ("X-Request-Id", request_id),
-        *rejection.headers,
+        *((name, value) for name, value in rejection.headers if name.lower() != "connection"),
     ]
     return http_response(rejection.status, headers, body)
 
