@@ -89,12 +89,12 @@ def _scalar(node: yaml.Node) -> Any:
 
     Raises:
         yaml.constructor.ConstructorError: the node's explicit tag does not fit its value (``!!timestamp
-            soon``, ``!!bool maybe``, ``!!int 1.5``), with the node's line. PyYAML's constructors raise
-            whatever their parsing raised (AttributeError, KeyError, ValueError) for these.
+            soon``, ``!!bool maybe``, ``!!int`` with no value), with the node's line. PyYAML's
+            constructors raise whatever their parsing raised (AttributeError, IndexError, KeyError...).
     """
     try:
         return yaml.constructor.SafeConstructor().construct_object(node)
-    except (AttributeError, KeyError, TypeError, ValueError, OverflowError):
+    except (AttributeError, LookupError, TypeError, ValueError, ArithmeticError):
         shown = f" {node.value!r}" if isinstance(node, yaml.ScalarNode) else ""
         tag = node.tag.replace("tag:yaml.org,2002:", "!!")
         raise yaml.constructor.ConstructorError(

@@ -250,7 +250,8 @@ def test_max_connections_is_a_positive_policy_wide_limit() -> None:
     [
         ("!!timestamp none", "'none' as !!timestamp"),
         ("!!bool maybe", "'maybe' as !!bool"),
-        ("!!int 1.5", "!!int"),
+        ("!!int 1.5", "'1.5' as !!int"),
+        ("!!float", "'' as !!float"),
     ],
 )
 def test_a_tag_that_does_not_fit_its_value_is_refused_with_its_line(value: str, shown: str) -> None:
