@@ -22,7 +22,7 @@ from proxy.errors import CloseCode, Rejection, StartupError, UpstreamError
 from proxy.frames import accept_key
 from proxy.handshake import Pipeline
 from proxy.limiter.memory import MemoryLimiter
-from proxy.listener import HandshakeProtocol, http_response
+from proxy.listener import LINGER_SECONDS, HandshakeProtocol, http_response
 from proxy.metrics import NO_ROUTE, Metrics, build_registry
 from proxy.policy.model import Address, Policy, TlsListen
 from proxy.relay import start_relay
@@ -236,9 +236,14 @@ class Gateway:
                 await loop.connect_accepted_socket(lambda: protocol, sock)
             else:
                 # Bounded like the request itself: a client that never sends its ClientHello is cut after
-                # handshake_timeout, not asyncio's default of 60 s.
+                # handshake_timeout, and one that never answers our close_notify after LINGER_SECONDS, as
+                # a plain connection's lingering close (the loops' defaults are 60 s and 30 s).
                 await loop.connect_accepted_socket(
-                    lambda: protocol, sock, ssl=tls, ssl_handshake_timeout=timeout
+                    lambda: protocol,
+                    sock,
+                    ssl=tls,
+                    ssl_handshake_timeout=timeout,
+                    ssl_shutdown_timeout=LINGER_SECONDS,
                 )
         except OSError as error:  # the TLS handshake failed or timed out, or the client left; socket closed
             if tls is not None:

@@ -8,6 +8,7 @@ import datetime
 import gc
 import ipaddress
 import json
+import socket
 import ssl
 import time
 from pathlib import Path
@@ -268,6 +269,23 @@ async def test_a_client_that_never_starts_tls_is_cut_after_handshake_timeout(gat
     assert 0.4 < time.monotonic() - started < 2  # not asyncio's default TLS handshake timeout of 60 s
     writer.close()
     await wait_until(lambda: gw.gateway.connection_count == 0)
+
+
+async def test_a_tls_client_that_goes_silent_is_let_go_like_a_plain_one(gateway, upstream, pki):
+    """Its request never comes: 408, then our close_notify, which it never answers. The connection is gone
+    after the lingering close's 2 s, not after the loops' default TLS shutdown timeout of 30 s."""
+    gw = await gateway(tls_route(pki, upstream.url()))
+
+    def silent_tls_client() -> ssl.SSLSocket:  # blocking: it completes the handshake, then never reads
+        return client_context(pki["ca"]).wrap_socket(
+            socket.create_connection(("127.0.0.1", gw.port)), server_hostname="localhost"
+        )
+
+    client = await asyncio.to_thread(silent_tls_client)
+    started = time.monotonic()
+    await wait_until(lambda: gw.gateway.connection_count == 0, timeout=10)
+    assert time.monotonic() - started < 0.5 + 2 + 1
+    client.close()
 
 
 async def test_failed_tls_handshakes_leave_nothing_behind(gateway, upstream, pki, client):
