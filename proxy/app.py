@@ -9,17 +9,20 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import ssl
 import time
+from functools import partial
 from typing import Any
 
 from proxy import logs
+from proxy.accept import Acceptor, bind_sockets
 from proxy.admin import AdminServer, AdminState
 from proxy.errors import CloseCode, Rejection, StartupError, UpstreamError
 from proxy.frames import accept_key
 from proxy.handshake import Pipeline
 from proxy.limiter.memory import MemoryLimiter
-from proxy.listener import HandshakeProtocol, http_response
+from proxy.listener import LINGER_SECONDS, HandshakeProtocol, http_response
 from proxy.metrics import NO_ROUTE, Metrics, build_registry
 from proxy.policy.model import Address, Policy, TlsListen
 from proxy.relay import start_relay
@@ -32,6 +35,16 @@ from proxy.upstream import connect_upstream, forget_tls_contexts
 def _reason(error: OSError) -> str:
     """An OS error as users read it: "address already in use", not the errno and the tuple."""
     return (error.strerror or str(error)).lower() if error.errno else str(error)
+
+
+#: The answer to a client arriving while ``limits.max_connections`` connections are held.
+OVERLOADED = Rejection(
+    503, "overloaded", "the gateway holds as many connections as it may; retry", (("Retry-After", "1"),)
+)
+#: The answer to a handshake the gateway's stop catches before its 101.
+DRAINING = Rejection(503, "draining", "the gateway is shutting down; retry", (("Retry-After", "1"),))
+#: Connections the kernel may queue on the client listener before wsgate accepts them.
+LISTEN_BACKLOG = 1024
 
 
 def listener_tls_context(tls: TlsListen) -> ssl.SSLContext:
@@ -59,50 +72,53 @@ class Gateway:
             self.registry,
             AdminState(
                 policy=lambda: self.policy,
-                ready=lambda: self._server is not None and self._server.is_serving(),
+                ready=lambda: self._acceptor is not None and self._acceptor.serving,
                 draining=lambda: self.draining,
                 policy_loaded_at=lambda: self.metrics.policy_loaded_at,
                 started_at=time.time(),
             ),
         )
         self.admin_address: Address | None = None
-        self._server: asyncio.Server | None = None
+        self._acceptor: Acceptor | None = None
         self._tls_context: ssl.SSLContext | None = None
+        #: Client connections before their 101, by stage: accepted and in their TLS handshake (each with the
+        #: task that runs it), then connected until the 101 or their close (refused ones linger here).
+        self._connecting: dict[HandshakeProtocol, asyncio.Task[None]] = {}
         self._handshakes: set[HandshakeProtocol] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
+
+    @property
+    def connection_count(self) -> int:
+        """Client connections held: in their TLS handshake, sending or waiting on their upgrade request,
+        refused and lingering, and live sessions. What ``limits.max_connections`` bounds."""
+        return len(self._connecting) + len(self._handshakes) + len(self.sessions)
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> Address:
         """Start listening; return the bound address (useful with port 0)."""
-        loop = asyncio.get_running_loop()
         listen = self.policy.listen
         tls = self._tls_context = listener_tls_context(listen.tls) if listen.tls else None
         try:
-            self._server = await loop.create_server(
-                self._new_connection,
-                listen.address.host,
-                listen.address.port,
-                ssl=tls,
-                reuse_address=True,
-                backlog=1024,
-            )
+            sockets = await bind_sockets(listen.address, LISTEN_BACKLOG)
         except OSError as error:
             message = f"cannot listen on {listen.address} (listen.address): {_reason(error)}"
             raise StartupError(message) from None
-        host, port = self._server.sockets[0].getsockname()[:2]
-        self.address = Address(host, port)
+        acceptor = Acceptor("client", sockets, self._accepted, self.metrics.accept_failed)
+        self.address = Address(*acceptor.address)
         try:
-            self.admin_address = await self.admin.start(self.policy.admin)
+            self.admin_address = await self.admin.start(self.policy.admin, self.metrics.accept_failed)
         except OSError as error:
-            self._server.close()
+            acceptor.close()
             raise StartupError(
                 f"cannot listen on {self.policy.admin} (admin.address): {_reason(error)}"
             ) from None
         except BaseException:
-            self._server.close()
+            acceptor.close()
             raise
+        self._acceptor = acceptor
+        acceptor.start()
         self._prefetch_keys()
         logs.event(
             "gateway.listening",
@@ -156,11 +172,13 @@ class Gateway:
             return
         self.draining = True
         self.metrics.draining = True
-        if self._server is not None:
-            self._server.close()
+        if self._acceptor is not None:
+            self._acceptor.close()
+        for connecting in list(self._connecting.values()):
+            connecting.cancel()  # in their TLS handshake: nothing can be said to them before it ends
         for handshake in list(self._handshakes):
-            if handshake.task is None:
-                handshake.reject(Rejection(503, "draining", "the gateway is shutting down"))
+            if handshake.task is None and not handshake.answered:
+                self._reject(handshake, DRAINING)
         live = len(self.sessions)
         logs.event("gateway.draining", sessions=live, drain_timeout_s=self.policy.limits.drain_timeout)
         self.sessions.close_all(CloseCode.GOING_AWAY, "server shutting down")
@@ -178,6 +196,8 @@ class Gateway:
         for session in self.sessions:
             session.client.transport.abort()
             session.upstream.transport.abort()
+        for connecting in list(self._connecting.values()):
+            connecting.cancel()
         for handshake in list(self._handshakes):
             handshake.transport.abort()
 
@@ -187,18 +207,58 @@ class Gateway:
 
     # -- handshakes ------------------------------------------------------------------------
 
-    def _new_connection(self) -> HandshakeProtocol:
-        limits = self.policy.limits
+    def _accepted(self, sock: socket.socket) -> None:
+        """A client connected: count it, and connect its socket (through TLS on a TLS listener) to the
+        protocol that reads its request. Above ``max_connections`` that protocol answers 503 at once."""
+        loop = asyncio.get_running_loop()
+        policy = self.policy
+        limits = policy.limits
         protocol = HandshakeProtocol(
             limits,
-            tls=self.policy.listen.tls is not None,
-            proxy_protocol=self.policy.listen.proxy_protocol,
+            tls=policy.listen.tls is not None,
+            proxy_protocol=policy.listen.proxy_protocol,
+            deadline=loop.time() + limits.handshake_timeout,
+            on_open=self._opened,
             on_request=self._on_request,
             on_bad_request=self._reject,
             on_close=self._handshakes.discard,
+            refusal=OVERLOADED if self.connection_count >= limits.max_connections else None,
         )
+        task = loop.create_task(self._connect(sock, protocol, limits.handshake_timeout))
+        self._connecting[protocol] = task
+        task.add_done_callback(partial(self._connect_done, protocol))
+
+    async def _connect(self, sock: socket.socket, protocol: HandshakeProtocol, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        tls = self._tls_context
+        try:
+            if tls is None:
+                await loop.connect_accepted_socket(lambda: protocol, sock)
+            else:
+                # Bounded like the request itself: a client that never sends its ClientHello is cut after
+                # handshake_timeout, and one that never answers our close_notify after LINGER_SECONDS, as
+                # a plain connection's lingering close (the loops' defaults are 60 s and 30 s).
+                await loop.connect_accepted_socket(
+                    lambda: protocol,
+                    sock,
+                    ssl=tls,
+                    ssl_handshake_timeout=timeout,
+                    ssl_shutdown_timeout=LINGER_SECONDS,
+                )
+        except OSError as error:  # the TLS handshake failed or timed out, or the client left; socket closed
+            if tls is not None:
+                logs.event("tls.handshake_failed", logging.DEBUG, error=str(error) or type(error).__name__)
+
+    def _connect_done(self, protocol: HandshakeProtocol, task: asyncio.Task[None]) -> None:
+        # A failed TLS handshake never reaches the protocol (no connection_made, no connection_lost):
+        # this is where such a connection stops being counted.
+        self._connecting.pop(protocol, None)
+        if not task.cancelled() and task.exception() is not None:
+            logs.LOGGER.error("listener.error", exc_info=task.exception())
+
+    def _opened(self, protocol: HandshakeProtocol) -> None:
+        self._connecting.pop(protocol, None)
         self._handshakes.add(protocol)
-        return protocol
 
     def _on_request(self, connection: HandshakeProtocol, request: HandshakeRequest) -> None:
         connection.task = asyncio.get_running_loop().create_task(self._handshake(connection, request))
@@ -263,9 +323,7 @@ class Gateway:
             upstream.transport.abort()
             await pipeline.release(admission.slots)
             if not connection.lost:
-                self._reject(
-                    connection, Rejection(503, "draining", "the gateway is shutting down"), request, started
-                )
+                self._reject(connection, DRAINING, request, started)
             return
         headers: list[tuple[str, str]] = [
             ("Upgrade", "websocket"),

@@ -1,9 +1,10 @@
 """The client listener's protocol until the 101: read one HTTP upgrade request, bounded in size and time.
 
-A :class:`HandshakeProtocol` parses the request with h11 (sans-I/O), pauses reading once it is whole, and
-hands it to the gateway, which answers with :meth:`HandshakeProtocol.reject` or takes the transport over for
-the relay. Anything that is not one well-formed request within ``handshake_timeout`` and
-``max_header_bytes`` gets a 4xx and the connection is closed.
+A :class:`HandshakeProtocol` feeds what arrives to a sans-I/O :class:`~proxy.request_reader.RequestReader`,
+pauses reading once the request is whole, and hands it to the gateway, which answers with
+:meth:`HandshakeProtocol.reject` or takes the transport over for the relay. Anything that is not one
+well-formed request within ``handshake_timeout`` and ``max_header_bytes`` gets a 4xx and the connection is
+closed.
 """
 
 from __future__ import annotations
@@ -15,13 +16,11 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import cast
 
-import h11
-
 from proxy.clientip import normalize_ip, peer_ip
 from proxy.errors import Rejection
 from proxy.policy.model import Limits
-from proxy.proxyproto import ProxyHeaderError, parse_proxy_header
 from proxy.request import HandshakeRequest
+from proxy.request_reader import RequestHead, RequestReader
 
 #: How long a rejected connection is kept half-open to swallow the rest of the client's request.
 LINGER_SECONDS = 2.0
@@ -44,32 +43,44 @@ def http_response(
 
 
 def rejection_response(rejection: Rejection, request_id: str) -> bytes:
-    """The HTTP answer to a refused handshake: status, headers and ``{"error", "detail", "request_id"}``."""
+    """The HTTP answer to a refused handshake: status, headers and ``{"error", "detail", "request_id"}``.
+
+    It has one ``Connection`` header, ending in ``close`` (the connection is closed after it): the
+    rejection's own ``Connection`` tokens, such as 426's ``Upgrade``, come first in it.
+    """
     body = json.dumps(
         {"error": rejection.reason, "detail": rejection.detail, "request_id": request_id},
         separators=(",", ":"),
     ).encode()
+    connection = [value for name, value in rejection.headers if name.lower() == "connection"]
     headers = [
         ("Content-Type", "application/json"),
-        ("Connection", "close"),
+        ("Connection", ", ".join([*connection, "close"])),
         ("X-Request-Id", request_id),
-        *rejection.headers,
+        *((name, value) for name, value in rejection.headers if name.lower() != "connection"),
     ]
     return http_response(rejection.status, headers, body)
 
 
 class HandshakeProtocol(asyncio.Protocol):
-    """One client connection from accept until its 101 or its rejection."""
+    """One client connection from accept until its 101 or its rejection: the I/O around a
+    :class:`~proxy.request_reader.RequestReader`, which does all the parsing."""
 
     def __init__(
         self,
         limits: Limits,
         tls: bool,
         proxy_protocol: bool,
+        deadline: float,
+        on_open: Callable[[HandshakeProtocol], None],
         on_request: Callable[[HandshakeProtocol, HandshakeRequest], None],
         on_bad_request: Callable[[HandshakeProtocol, Rejection], None],
         on_close: Callable[[HandshakeProtocol], None],
+        refusal: Rejection | None = None,
     ) -> None:
+        """``deadline`` (loop time): when the request must have arrived, ``handshake_timeout`` after the
+        connection was accepted, so a TLS handshake spends the same allowance. ``on_open`` is called once
+        the connection is made; ``refusal``, decided at accept, is the answer to give at once then."""
         self.request_id = new_request_id()
         self.tls = tls
         self.transport: asyncio.Transport
@@ -79,15 +90,15 @@ class HandshakeProtocol(asyncio.Protocol):
         self.lost = False
         self.answered = False
         self.task: asyncio.Task[None] | None = None
-        self._limits = limits
+        self._deadline = deadline
+        self._refusal = refusal
+        self._on_open = on_open
         self._on_request = on_request
         self._on_bad_request = on_bad_request
         self._on_close = on_close
-        self._parser = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
-        self._request: h11.Request | None = None
+        #: Reads the request; None once it gave its result.
+        self._reader: RequestReader | None = RequestReader(limits.max_header_bytes, proxy_protocol)
         self._timer: asyncio.TimerHandle | None = None
-        #: Bytes of a PROXY header still being read, or None once it was (or when none is expected).
-        self._proxy_header: bytearray | None = bytearray() if proxy_protocol else None
         #: After a rejection: the answer is sent and what the client still sends is discarded.
         self._lingering = False
 
@@ -95,86 +106,44 @@ class HandshakeProtocol(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         self.peer_ip = peer_ip(self.transport.get_extra_info("peername"))
-        timeout = self._limits.handshake_timeout
-        self._timer = asyncio.get_running_loop().call_later(timeout, self._timed_out)
+        self._timer = asyncio.get_running_loop().call_at(self._deadline, self._timed_out)
+        self._on_open(self)
+        if self._refusal is not None:
+            self._on_bad_request(self, self._refusal)
 
     def data_received(self, data: bytes) -> None:
         if self._lingering:
             return
-        if self._request is not None or self.answered:
+        reader = self._reader
+        if reader is None or self.answered:
             self.pending += data  # reading is paused; only what was already in flight lands here
             return
-        if self._proxy_header is not None:
-            rest = self._read_proxy_header(data)
-            if not rest:  # header incomplete or refused, or it filled this read: h11 reads b"" as EOF
-                return
-            data = rest
-        self._parser.receive_data(data)
-        while True:
-            try:
-                event = self._parser.next_event()
-            except h11.RemoteProtocolError as error:
-                status = 431 if error.error_status_hint == 431 else 400
-                detail = "request headers too large" if status == 431 else f"malformed HTTP request: {error}"
-                self._on_bad_request(self, Rejection(status, "bad_request", detail))
-                return
-            if event is h11.NEED_DATA:
-                return
-            if isinstance(event, h11.Request):
-                # h11 bounds only a request still incomplete in its buffer; one that arrived whole in a
-                # single read is measured here, so the limit does not depend on how TCP split the bytes.
-                size = len(event.target) + sum(len(name) + len(value) + 4 for name, value in event.headers)
-                if size > self._limits.max_header_bytes:
-                    self._on_bad_request(self, Rejection(431, "bad_request", "request headers too large"))
-                    return
-                self._request = event
-                continue
-            if isinstance(event, h11.Data):
-                self._on_bad_request(self, Rejection(400, "bad_request", "a WebSocket handshake has no body"))
-                return
-            if isinstance(event, h11.EndOfMessage) or event is h11.PAUSED:
-                self._request_complete()
-                return
-            if isinstance(event, h11.ConnectionClosed):
-                self.transport.close()
-                return
+        result = reader.receive_data(data)
+        if reader.source_ip is not None:
+            self.peer_ip = normalize_ip(reader.source_ip)
+        if result is None:
+            return
+        self._reader = None
+        if isinstance(result, Rejection):
+            self._on_bad_request(self, result)
+            return
+        self._request_complete(result)
 
-    def _read_proxy_header(self, data: bytes) -> bytes | None:
-        """Consume the PROXY header; return what follows it, or None while it is incomplete or refused."""
-        assert self._proxy_header is not None
-        self._proxy_header += data
-        try:
-            parsed = parse_proxy_header(bytes(self._proxy_header))
-        except ProxyHeaderError as error:
-            self._on_bad_request(self, Rejection(400, "bad_request", str(error)))
-            return None
-        if parsed is None:
-            return None
-        source, length = parsed
-        if source is not None:
-            self.peer_ip = normalize_ip(source)
-        rest = bytes(self._proxy_header[length:])
-        self._proxy_header = None
-        return rest
-
-    def _request_complete(self) -> None:
-        request = self._request
-        assert request is not None
+    def _request_complete(self, head: RequestHead) -> None:
         self._cancel_timer()
         self.transport.pause_reading()
-        self.pending = bytes(self._parser.trailing_data[0])
-        headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers]
-        parsed = HandshakeRequest.build(
+        self.pending = head.rest
+        request = HandshakeRequest.build(
             request_id=self.request_id,
-            method=request.method.decode("ascii"),
-            target=request.target.decode("latin-1"),
-            http_version=request.http_version.decode("ascii"),
-            headers=headers,
+            method=head.method,
+            target=head.target,
+            http_version=head.http_version,
+            headers=head.headers,
             peer_ip=self.peer_ip,
             client_ip=self.peer_ip,
             tls=self.tls,
         )
-        self._on_request(self, parsed)
+        self._on_request(self, request)
 
     def _timed_out(self) -> None:
         self._timer = None

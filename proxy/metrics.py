@@ -127,6 +127,8 @@ class Metrics:
         self.routes: dict[str, RouteCounters] = {}
         self.reloads: dict[str, int] = {}
         self.jwks_refreshes: dict[tuple[str, str], int] = {}
+        #: Failed ``accept()`` calls, by listener (``client``, ``admin``) and reason (``fd_exhausted``...).
+        self.accept_errors: dict[tuple[str, str], int] = {}
         self.policy_version = ""
         self.policy_hash = ""
         self.policy_loaded_at = 0.0
@@ -178,6 +180,10 @@ class Metrics:
     def jwks_refreshed(self, provider: str, result: str) -> None:
         key = (provider, result)
         self.jwks_refreshes[key] = self.jwks_refreshes.get(key, 0) + 1
+
+    def accept_failed(self, listener: str, reason: str) -> None:
+        key = (listener, reason)
+        self.accept_errors[key] = self.accept_errors.get(key, 0) + 1
 
     def live(self) -> Iterator[Session]:
         return iter(self._live_sessions())
@@ -298,6 +304,16 @@ class WsgateCollector(Collector):
         )
         for (provider, result), count in sorted(metrics.jwks_refreshes.items()):
             counter.add_metric([provider, result], count)
+        yield counter
+
+        counter = CounterMetricFamily(
+            "wsgate_accept_errors",
+            "Failed accept() calls, by listener and reason; each pauses that listener's accepting briefly.",
+            labels=["listener", "reason"],
+        )
+        for listener in ("client", "admin"):
+            for reason in ("fd_exhausted", "out_of_memory", "error"):
+                counter.add_metric([listener, reason], metrics.accept_errors.get((listener, reason), 0))
         yield counter
 
         yield GaugeMetricFamily(

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -250,12 +251,34 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
 # -- wsgate as a subprocess -------------------------------------------------------------------------
 
 
-class WsgateProcess:
-    """``wsgate serve -c FILE`` in a subprocess; its JSON log lines are collected as they arrive."""
+#: ``python -c`` program: the ``wsgate`` command on asyncio's own loop, as where uvloop is not installed.
+ON_ASYNCIO = (
+    "import sys; sys.modules['uvloop'] = None; from proxy.cli import main; sys.exit(main(sys.argv[1:]))"
+)
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+
+class WsgateProcess:
+    """``wsgate serve -c FILE`` in a subprocess; its JSON log lines are collected as they arrive.
+
+    ``loop="asyncio"`` runs it on asyncio's own loop instead of uvloop; ``open_files`` lowers its
+    ``RLIMIT_NOFILE`` (soft and hard) before it starts."""
+
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        loop: str = "uvloop",
+        open_files: int | None = None,
+    ) -> None:
+        command = ["-m", "proxy"] if loop == "uvloop" else ["-c", ON_ASYNCIO]
+
+        def limit_open_files() -> None:
+            if open_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", *args],
+            [sys.executable, *command, *args],
+            preexec_fn=limit_open_files,
             cwd=REPO,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -319,14 +342,25 @@ class WsgateProcess:
             self.process.kill()
             self.process.wait(5)
 
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time the process has used so far (from ``/proc/PID/stat``)."""
+        with open(f"/proc/{self.process.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
+
 
 @pytest.fixture
 def wsgate_process() -> Iterator[Callable[..., WsgateProcess]]:
     """Factory: ``wsgate_process("serve", "-c", path)`` starts ``python -m proxy ...``; killed at teardown."""
     started: list[WsgateProcess] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> WsgateProcess:
-        process = WsgateProcess(list(args), env)
+    def start(
+        *args: str, env: dict[str, str] | None = None, loop: str = "uvloop", open_files: int | None = None
+    ) -> WsgateProcess:
+        process = WsgateProcess(list(args), env, loop, open_files)
         started.append(process)
         return process
 

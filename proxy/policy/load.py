@@ -85,7 +85,21 @@ class _Source:
 
 
 def _scalar(node: yaml.Node) -> Any:
-    return yaml.constructor.SafeConstructor().construct_object(node)
+    """The value of a YAML node as the safe loader builds it.
+
+    Raises:
+        yaml.constructor.ConstructorError: the node's explicit tag does not fit its value (``!!timestamp
+            soon``, ``!!bool maybe``, ``!!int`` with no value), with the node's line. PyYAML's
+            constructors raise whatever their parsing raised (AttributeError, IndexError, KeyError...).
+    """
+    try:
+        return yaml.constructor.SafeConstructor().construct_object(node)
+    except (AttributeError, LookupError, TypeError, ValueError, ArithmeticError):
+        shown = f" {node.value!r}" if isinstance(node, yaml.ScalarNode) else ""
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        raise yaml.constructor.ConstructorError(
+            None, None, f"cannot read{shown} as {tag}", node.start_mark
+        ) from None
 
 
 class _Map:
@@ -318,6 +332,7 @@ def _limits(source: _Source, node: yaml.Node, path: str, base: Limits, keys: fro
         "byte_burst": _size,
         "on_rate_limit": _choice("close", "drop"),
         "ipv6_prefix": _positive_int,
+        "max_connections": _positive_int,
     }
     changes: dict[str, Any] = {}
     for key in section.items:
@@ -737,7 +752,7 @@ def parse_policy(text: str | bytes, source: Path | None = None) -> Policy:
         mark = error.problem_mark or error.context_mark
         line = mark.line + 1 if mark is not None else None
         raise PolicyError(origin.name, line, "", f"invalid YAML value: {error.problem or error}") from None
-    except (yaml.YAMLError, ValueError, TypeError) as error:
+    except yaml.YAMLError as error:
         raise PolicyError(origin.name, None, "", f"invalid YAML value: {error}") from None
     except RecursionError:
         raise PolicyError(origin.name, None, "", "the document is nested too deeply") from None
@@ -758,14 +773,25 @@ def _parse_root(origin: _Source, root: yaml.Node | None, raw: bytes, source: Pat
     listen = top.get("listen", _listen, Listen(Address("0.0.0.0", 8080)))
     admin = top.get("admin", _admin, Address("127.0.0.1", 9090))
     if admin == listen.address and admin.port != 0:
-        origin.fail(top.node_of("admin"), "admin.address", "must differ from listen.address")
+        if "admin" in top:
+            origin.fail(top.node_of("admin"), "admin.address", "must differ from listen.address")
+        origin.fail(
+            top.node_of("listen"), "listen.address", f"must differ from admin.address ({admin} by default)"
+        )
     limits = Limits()
     if "limits" in top:
         limits = _limits(origin, top.node_of("limits"), "limits", limits, None)
     providers: dict[str, AuthProvider] = {}
     if "auth" in top:
         auth_node = top.node_of("auth")
-        names = _Map(origin, auth_node, "auth", tuple(_scalar(k) for k, _ in getattr(auth_node, "value", [])))
+        if not isinstance(auth_node, yaml.MappingNode):
+            origin.fail(auth_node, "auth", "expected a mapping of provider names to providers")
+        names = _Map(
+            origin,
+            auth_node,
+            "auth",
+            tuple(_scalar(k) for k, _ in auth_node.value if isinstance(k, yaml.ScalarNode)),
+        )
         for name, (_key_node, provider_node) in names.items.items():
             providers[name] = _provider(origin, provider_node, f"auth.{name}", name)
     if "routes" not in top:

@@ -86,6 +86,9 @@ class Limits:
     #: Per-IP limits count an IPv6 client by this prefix: one host usually holds a whole /64, and could
     #: otherwise take a fresh address for every handshake. 128 counts each address on its own.
     ipv6_prefix: int = 64
+    #: Client connections held at once, process-wide: in their TLS handshake, sending their upgrade request,
+    #: being judged, and live sessions. A client arriving above it gets 503 ``overloaded``.
+    max_connections: int = 10_000
 
     def fragments_allowed(self, max_message_bytes: int) -> int:
         """Frames a message of at most ``max_message_bytes`` may come in: ``max_fragments``, or by default
@@ -117,6 +120,7 @@ LIMIT_KEYS: dict[str, str] = {
     "byte_burst": "byte_burst",
     "on_rate_limit": "on_rate_limit",
     "ipv6_prefix": "ipv6_prefix",
+    "max_connections": "max_connections",
 }
 
 #: The ``limits`` keys a route may override; the others act before a route is known or are process-wide.

@@ -170,3 +170,48 @@ async def test_upstream_answering_http_instead_of_websocket_is_502(gateway, upst
     assert response.status == 502
     assert "200" in body(response)["detail"]
     server.close()
+
+
+async def test_a_request_announcing_a_body_it_never_sends_is_400_at_once(gateway, upstream):
+    gw = await gateway(route(upstream.url()))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")  # and no body
+    started = time.monotonic()
+    status_line = await asyncio.wait_for(reader.readline(), 3)
+    assert b"400" in status_line
+    assert time.monotonic() - started < 0.3  # not held until handshake_timeout (500ms) for a 408
+    writer.close()
+
+
+@pytest.mark.parametrize("trickled", [False, True], ids=["one-read", "trickled"])
+async def test_the_header_limit_counts_the_bytes_sent_however_they_arrive(gateway, upstream, trickled):
+    """4 KiB limit: a request whose header values are short but padded with 5000 spaces is refused in one
+    read as in many (the spaces h11 strips still arrived)."""
+    gw = await gateway(route(upstream.url()))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    request = b"GET /echo HTTP/1.1\r\nHost:" + b" " * 5000 + b"x\r\n\r\n"
+    for start in range(0, len(request), 500 if trickled else len(request)):
+        writer.write(request[start : start + (500 if trickled else len(request))])
+        await writer.drain()
+        await asyncio.sleep(0.005 if trickled else 0)
+    status_line = await asyncio.wait_for(reader.readline(), 3)
+    assert b"431" in status_line
+    writer.close()
+
+
+async def test_a_request_caught_by_the_stop_is_503_draining_logged_with_retry_after(
+    gateway, upstream, log_events
+):
+    gw = await gateway(route(upstream.url()))  # handshake_timeout 500ms: the stop comes first
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"GET /echo HTTP/1.1\r\n")  # the rest never comes
+    while gw.gateway.connection_count == 0:
+        await asyncio.sleep(0.01)
+    stopping = asyncio.get_running_loop().create_task(gw.gateway.stop())
+    answer = await asyncio.wait_for(reader.read(), 5)
+    assert answer.startswith(b"HTTP/1.1 503 ")
+    assert b"\r\nRetry-After: 1\r\n" in answer and b'"error":"draining"' in answer
+    rejected = await log_events.wait_for("handshake.rejected", reason="draining")
+    assert rejected["status"] == 503
+    await stopping
+    writer.close()

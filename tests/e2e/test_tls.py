@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gc
 import ipaddress
 import json
+import socket
 import ssl
+import time
 from pathlib import Path
 
 import aiohttp
@@ -18,6 +21,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from wsraw import RawClient
+
+from proxy.listener import HandshakeProtocol
 
 
 def _name(common_name: str) -> x509.Name:
@@ -242,3 +248,100 @@ async def test_certificate_rotated_in_place_is_served_without_a_restart(upstream
         assert (await live.receive(timeout=5)).data == "still on the old certificate"
         await live.close()
     assert process.events("policy.reload_failed") == []
+
+
+def tls_route(pki, upstream_url: str, limits: str = "") -> str:
+    return f"""
+    listen: {{address: "127.0.0.1:0", tls: {{cert: {pki["cert"]}, key: {pki["key"]}}}}}
+    limits: {{handshake_timeout: 500ms{limits}}}
+    routes:
+      - path: /echo
+        upstream: {upstream_url}
+        auth: none
+    """
+
+
+async def test_a_client_that_never_starts_tls_is_cut_after_handshake_timeout(gateway, upstream, pki):
+    gw = await gateway(tls_route(pki, upstream.url()))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)  # and no ClientHello, ever
+    started = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    assert 0.4 < time.monotonic() - started < 2  # not asyncio's default TLS handshake timeout of 60 s
+    writer.close()
+    await wait_until(lambda: gw.gateway.connection_count == 0)
+
+
+async def test_a_tls_client_that_goes_silent_is_let_go_like_a_plain_one(gateway, upstream, pki):
+    """Its request never comes: 408, then our close_notify, which it never answers. The connection is gone
+    after the lingering close's 2 s, not after the loops' default TLS shutdown timeout of 30 s."""
+    gw = await gateway(tls_route(pki, upstream.url()))
+
+    def silent_tls_client() -> ssl.SSLSocket:  # blocking: it completes the handshake, then never reads
+        return client_context(pki["ca"]).wrap_socket(
+            socket.create_connection(("127.0.0.1", gw.port)), server_hostname="localhost"
+        )
+
+    client = await asyncio.to_thread(silent_tls_client)
+    started = time.monotonic()
+    await wait_until(lambda: gw.gateway.connection_count == 0, timeout=10)
+    assert time.monotonic() - started < 0.5 + 2 + 1
+    client.close()
+
+
+async def test_failed_tls_handshakes_leave_nothing_behind(gateway, upstream, pki, client):
+    """Plain HTTP to the TLS listener fails its TLS handshake: the gateway neither counts nor keeps it."""
+    gw = await gateway(tls_route(pki, upstream.url()))
+
+    async def plain_http() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+
+    for _ in range(10):
+        await asyncio.gather(*(plain_http() for _ in range(30)))
+    await asyncio.sleep(0.1)
+    gc.collect()
+    kept = [
+        item
+        for item in gc.get_objects()
+        if isinstance(item, HandshakeProtocol) and getattr(item._on_open, "__self__", None) is gw.gateway
+    ]
+    assert len(kept) == 0
+    assert gw.gateway.connection_count == 0
+    async with client.ws_connect(f"wss://127.0.0.1:{gw.port}/echo", ssl=client_context(pki["ca"])) as ws:
+        await ws.send_str("still serving")
+        assert (await ws.receive(timeout=5)).data == "still serving"
+    await asyncio.wait_for(gw.gateway.stop(), 5)
+
+
+async def test_stopping_during_a_tls_handshake_cuts_it_and_stops(gateway, upstream, pki):
+    gw = await gateway(tls_route(pki, upstream.url(), ", drain_timeout: 1s").replace("500ms", "30s"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    await wait_until(lambda: gw.gateway.connection_count == 1)
+    await asyncio.wait_for(gw.gateway.stop(), 3)
+    assert await asyncio.wait_for(reader.read(), 3) == b""
+    writer.close()
+
+
+async def test_tls_handshakes_in_progress_count_towards_max_connections(gateway, upstream, pki, log_events):
+    gw = await gateway(tls_route(pki, upstream.url(), ", max_connections: 2").replace("500ms", "30s"))
+    silent = [await asyncio.open_connection("127.0.0.1", gw.port) for _ in range(2)]
+    await wait_until(lambda: gw.gateway.connection_count == 2)
+    _, response = await RawClient.connect(gw.port, "/echo", ssl=client_context(pki["ca"]))
+    assert response.status == 503
+    assert json.loads(response.body)["error"] == "overloaded"
+    assert response.headers["retry-after"] == "1"
+    await log_events.wait_for("handshake.rejected", reason="overloaded")
+    for _, writer in silent:
+        writer.close()
+    await wait_until(lambda: gw.gateway.connection_count == 0)
+    _, response = await RawClient.connect(gw.port, "/echo", ssl=client_context(pki["ca"]))
+    assert response.status == 101
+
+
+async def wait_until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)

@@ -231,3 +231,45 @@ routes:
     assert route.upstream_rules is not None and route.upstream_rules.max_message_bytes == 4096
     assert route.message_rate is not None and route.message_rate.messages_per_second == 50
     assert not route.allow_missing_origin
+
+
+def test_max_connections_is_a_positive_policy_wide_limit() -> None:
+    assert parse_policy(f"version: 1\n{ROUTE}").limits.max_connections == 10_000
+    assert parse_policy(f"version: 1\nlimits: {{max_connections: 50}}\n{ROUTE}").limits.max_connections == 50
+    for value in ("0", "-3", "1.5", "lots", "true"):
+        with pytest.raises(PolicyError, match=r"limits\.max_connections: expected a whole number"):
+            parse_policy(f"version: 1\nlimits: {{max_connections: {value}}}\n{ROUTE}")
+    with pytest.raises(PolicyError, match=r"routes\[0\]\.limits\.max_connections: is policy-wide"):
+        parse_policy(
+            "version: 1\nroutes: [{path: /a, upstream: 'ws://x/', auth: none, limits: {max_connections: 5}}]"
+        )
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("!!timestamp none", "'none' as !!timestamp"),
+        ("!!bool maybe", "'maybe' as !!bool"),
+        ("!!int 1.5", "'1.5' as !!int"),
+        ("!!float", "'' as !!float"),
+    ],
+)
+def test_a_tag_that_does_not_fit_its_value_is_refused_with_its_line(value: str, shown: str) -> None:
+    with pytest.raises(PolicyError) as raised:
+        parse_policy(f"version: 1\nroutes:\n  - path: /a\n    upstream: ws://x/\n    auth: {value}\n")
+    assert str(raised.value).startswith("<policy>:5: invalid YAML value: cannot read")
+    assert shown in str(raised.value)
+
+
+@pytest.mark.parametrize("auth", ["[main, other]", "main", "1"])
+def test_auth_must_be_a_mapping_of_providers(auth: str) -> None:
+    with pytest.raises(PolicyError, match=r"^<policy>:2: auth: expected a mapping of provider names"):
+        parse_policy(f"version: 1\nauth: {auth}\n{ROUTE}")
+
+
+def test_listening_on_the_default_admin_address_is_refused_at_the_listen_line() -> None:
+    with pytest.raises(PolicyError) as raised:
+        parse_policy(f"version: 1\nlisten: {{address: 127.0.0.1:9090}}\n{ROUTE}")
+    assert str(raised.value) == (
+        "<policy>:2: listen.address: must differ from admin.address (127.0.0.1:9090 by default)"
+    )
