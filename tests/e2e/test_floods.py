@@ -1,10 +1,10 @@
 """Fragment floods against the real ``wsgate serve`` process: its RSS growth stays within the bound README
 states ("Limits and memory"), and the flooder reads 1009 when it crosses ``max_fragments``.
 
-The bound per session: each direction holds at most one partial frame header or control frame (139 B), an
-incomplete UTF-8 character, 4 KiB of a frame's payload held while the rest arrives, the message a rule gathers
-(at most ``max_message_size``), and a write buffer of at most its high-water mark (64 KiB) plus one read of the
-other side (256 KiB: its output, or the part of it waiting for its turn).
+The bound per session: each direction holds at most one partial frame header or control frame (139 B),
+an incomplete UTF-8 character, 4 KiB of a frame's payload held while the rest arrives, the message a rule
+gathers (at most ``max_message_size``), and a write buffer of at most its high-water mark (64 KiB) plus one
+read of the other side (256 KiB: its output, or the part of it waiting for its turn).
 """
 
 from __future__ import annotations
