@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import os
 import struct
 from dataclasses import dataclass
@@ -167,3 +168,19 @@ class RawClient:
 def _mask(payload: bytes, key: bytes) -> bytes:
     repeated = (key * (len(payload) // 4 + 1))[: len(payload)]
     return (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(len(payload), "big")
+
+
+async def accept_upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
+    """The server side of a handshake: read the upgrade request, answer 101; returns the request head."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    key = next(
+        line.split(":", 1)[1].strip()
+        for line in head.split("\r\n")
+        if line.lower().startswith("sec-websocket-key")
+    )
+    accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+    writer.write(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    )
+    return head

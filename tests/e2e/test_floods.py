@@ -10,9 +10,7 @@ read of the other side (256 KiB: its output, or the part of it waiting for its t
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
 import json
 import struct
 import sys
@@ -21,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
+from wsraw import accept_upgrade
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -48,26 +47,12 @@ def rss(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-async def start(wsgate_process, tmp_path: Path, upstream_url: str, extra: str = "") -> tuple[object, int]:
+async def serve(wsgate_process, tmp_path: Path, body: str) -> tuple[object, int]:
+    """``wsgate serve`` with ``body`` (YAML: limits and routes) on a free port, once it accepts."""
     port = free_port()
     policy = tmp_path / "flood.yaml"
-    policy.write_text(
-        textwrap.dedent(
-            f"""\
-            version: 1
-            listen: {{address: "127.0.0.1:{port}"}}
-            admin: {{address: "127.0.0.1:0"}}
-            limits: {{max_message_size: 1MiB, close_timeout: 2s}}
-            routes:
-              - {{path: /flood, upstream: "{upstream_url}", auth: none}}
-              - path: /json
-                upstream: "{upstream_url}"
-                auth: none
-                limits: {{max_fragments: 1000000}}
-                messages: {{client: {{json: true}}}}
-            """
-        )
-    )
+    head = f'version: 1\nlisten: {{address: "127.0.0.1:{port}"}}\nadmin: {{address: "127.0.0.1:0"}}\n'
+    policy.write_text(head + textwrap.dedent(body))
     process = wsgate_process("serve", "-c", str(policy), "--log-level", "warning")
     for _ in range(200):
         with contextlib.suppress(OSError):
@@ -76,6 +61,24 @@ async def start(wsgate_process, tmp_path: Path, upstream_url: str, extra: str = 
             break
         await asyncio.sleep(0.05)
     return process, port
+
+
+async def start(wsgate_process, tmp_path: Path, upstream_url: str) -> tuple[object, int]:
+    """The flood policy: an open route, and one whose JSON rule gathers messages whole."""
+    return await serve(
+        wsgate_process,
+        tmp_path,
+        f"""\
+        limits: {{max_message_size: 1MiB, close_timeout: 2s}}
+        routes:
+          - {{path: /flood, upstream: "{upstream_url}", auth: none}}
+          - path: /json
+            upstream: "{upstream_url}"
+            auth: none
+            limits: {{max_fragments: 1000000}}
+            messages: {{client: {{json: true}}}}
+        """,
+    )
 
 
 async def connect(port: int, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -215,25 +218,13 @@ async def discarding_upstream() -> tuple[asyncio.Server, int]:
     """A service that accepts the WebSocket and drops what it gets unread: the floods' cost stays in the
     gateway, not in this process."""
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-        key = next(
-            line.split(":", 1)[1].strip()
-            for line in head.split("\r\n")
-            if line.lower().startswith("sec-websocket-key")
-        )
-        accept = base64.b64encode(
-            hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
-        )
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
-        )
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accept_upgrade(reader, writer)
         with contextlib.suppress(ConnectionError):
             while await reader.read(1 << 20):
                 pass
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    server = await asyncio.start_server(sink, "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1]
 
 
@@ -241,27 +232,15 @@ async def test_a_client_flooding_tiny_frames_does_not_stall_other_sessions(
     wsgate_process, tmp_path, upstream
 ):
     sink, sink_port = await discarding_upstream()
-    port = free_port()
-    policy = tmp_path / "fair.yaml"
-    policy.write_text(
-        textwrap.dedent(
-            f"""\
-            version: 1
-            listen: {{address: "127.0.0.1:{port}"}}
-            admin: {{address: "127.0.0.1:0"}}
-            routes:
-              - {{path: /flood, upstream: "ws://127.0.0.1:{sink_port}/", auth: none}}
-              - {{path: /probe, upstream: "{upstream.url("/echo")}", auth: none}}
-            """
-        )
+    _, port = await serve(
+        wsgate_process,
+        tmp_path,
+        f"""\
+        routes:
+          - {{path: /flood, upstream: "ws://127.0.0.1:{sink_port}/", auth: none}}
+          - {{path: /probe, upstream: "{upstream.url("/echo")}", auth: none}}
+        """,
     )
-    wsgate_process("serve", "-c", str(policy), "--log-level", "warning")
-    for _ in range(200):
-        with contextlib.suppress(OSError):
-            _, probe_writer = await asyncio.open_connection("127.0.0.1", port)
-            probe_writer.close()
-            break
-        await asyncio.sleep(0.05)
     reader, writer = await connect(port, "/probe")  # one echo at a time, its round trips timed
     flood = [sys.executable, str(OFFENDER), "flood", f"127.0.0.1:{port}/flood", "empty", "3"]
     flooders = [

@@ -5,9 +5,7 @@ own pings and pongs cross; ``idle_timeout`` counts data, not pings."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
 import socket
 import struct
 import time
@@ -15,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import WSMsgType
-from wsraw import CLOSE, PING, PONG, TEXT, Frame, RawClient, _mask
+from wsraw import CLOSE, PING, PONG, TEXT, Frame, RawClient, _mask, accept_upgrade
 
 
 class RawUpstream:
@@ -54,19 +52,7 @@ class RawUpstream:
             writer.write(bytes([0x80 | opcode, len(payload)]) + payload)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-        key = next(
-            line.split(":", 1)[1].strip()
-            for line in head.split("\r\n")
-            if line.lower().startswith("sec-websocket-key")
-        )
-        accept = base64.b64encode(
-            hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
-        )
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
-        )
+        await accept_upgrade(reader, writer)
         self.writers.append(writer)
         if self.tick:
             task = asyncio.ensure_future(self._ticker(writer))
