@@ -165,7 +165,11 @@ class Acceptor:
             if self._episode is not None:
                 self._resumed(self._episode)
             connection.setblocking(False)
-            self._on_accept(connection)
+            try:
+                self._on_accept(connection)
+            except BaseException:
+                connection.close()  # the connection is refused, not leaked; the error goes on
+                raise
 
     def _pause(self, sock: socket.socket, error: OSError) -> None:
         self._loop.remove_reader(sock.fileno())

@@ -95,6 +95,14 @@ def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes | byt
     return out
 
 
+def mask_in_place(data: bytearray, mask: bytes) -> None:
+    """XOR ``data`` with the 4-byte ``mask`` repeated, in place (a buffer the caller owns and hands on)."""
+    if _mask_in_place is None:
+        data[:] = _apply_mask_bigint(data, mask)
+    else:
+        _mask_in_place(mask, data)
+
+
 class MaskSource:
     """Unpredictable 4-byte masking keys, drawn from the OS in batches (off the hot path)."""
 

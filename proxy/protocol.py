@@ -12,8 +12,10 @@ wire), towards a client byte for byte. Only a message a rule must read whole (JS
 rule in "drop" mode) is gathered, in one contiguous buffer; UTF-8 is checked as the fragments pass.
 
 Memory bound, by construction: between two calls a reader holds at most one partial frame header or one
-partial control frame (14 + 125 bytes), a few bytes of an incomplete UTF-8 sequence, and the message it is
-gathering (at most ``max_message_bytes``). Nothing is kept per fragment: a message is refused with 1009
+partial control frame (14 + 125 bytes) -- or, after a read of more than FRAMES_PER_TURN frames, the rest of
+that read, waiting for its turn --, a few bytes of an incomplete UTF-8 sequence, up to HOLD_BYTES of a
+frame's payload that arrived in smaller pieces, and the message it is gathering (at most
+``max_message_bytes``). Nothing is kept per fragment: a message is refused with 1009
 when it is larger than ``max_message_bytes`` (known from the frame headers, before any of the payload is
 read) or comes in more than ``max_fragments`` frames, empty ones included.
 
@@ -27,7 +29,15 @@ from codecs import utf_8_decode
 from enum import IntFlag
 
 from proxy.errors import CloseCode
-from proxy.frames import MaskSource, ProtocolError, apply_mask, encode_frame, encode_header, parse_close
+from proxy.frames import (
+    MaskSource,
+    ProtocolError,
+    apply_mask,
+    encode_frame,
+    encode_header,
+    mask_in_place,
+    parse_close,
+)
 from proxy.rules import MessageChecker, Violation
 
 #: Frames read in one turn at most: a read of 256 KiB of empty frames is 43,000 of them, and other
@@ -130,7 +140,7 @@ class FrameReader:
         self.close_reason = ""
         #: After the gateway closed this side: frames are skipped until its close frame.
         self.discarding = False
-        #: Data messages and payload bytes received (dropped and skipped ones excluded).
+        #: Data messages and payload bytes received (those skipped from their first frame excluded).
         self.messages = 0
         self.bytes = 0
         #: Whether this side was closed for a message over the size or fragment limit.
@@ -158,7 +168,8 @@ class FrameReader:
     # -- what the adapter asks for ---------------------------------------------------------------
 
     def discard(self) -> None:
-        """The gateway sent this side a close frame: from now on its frames are skipped until its close."""
+        """This side's frames have nowhere to go (the other side was closed or is gone) or this side broke
+        a rule: from now on they are skipped, by counting, until its close frame."""
         self.discarding = True
         self._gathered = bytearray()
         self._hold = bytearray()
@@ -177,8 +188,9 @@ class FrameReader:
         return encode_frame(opcode, payload, None if self.masked else MASKS.next())
 
     def buffered_bytes(self) -> int:
-        """Bytes held between calls: the partial header or control frame, the UTF-8 tail and the
-        message being gathered (what the memory bound in the module docstring counts)."""
+        """Bytes held between calls: the partial header or control frame (or the rest of a read waiting
+        for its turn), the UTF-8 tail, the held piece of a frame and the message being gathered (what the
+        memory bound in the module docstring counts)."""
         return len(self._partial) + len(self._utf8_tail) + len(self._gathered) + len(self._hold)
 
     # -- bytes in ----------------------------------------------------------------------------------
@@ -559,10 +571,13 @@ class FrameReader:
                     return False
                 checker.dropped += 1
                 return True
-            # Header and payload as two pieces: joining them would copy the message once more.
+            # Header and payload as two pieces, masked in place: the gathered buffer is handed over as it
+            # is, not copied once more.
             key = MASKS.next() if self.masked else None
             pieces.append(encode_header(_FIN | self._message_opcode, len(gathered), key))
-            pieces.append(apply_mask(gathered, key) if key is not None else gathered)
+            if key is not None:
+                mask_in_place(gathered, key)
+            pieces.append(gathered)
         if mode != _SKIP:
             self.messages += 1
         return True

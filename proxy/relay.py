@@ -146,7 +146,7 @@ class Leg(asyncio.Protocol):
                 transport.write(piece)
                 peer.sent += len(piece)
             elif len(pieces) <= 16:
-                # a few (large) pieces: handed over without copying them into one buffer
+                # a few (large) pieces: uvloop writes them with one writev, without joining them
                 transport.writelines(pieces)
                 peer.sent += sum(map(len, pieces))
             else:
@@ -211,6 +211,8 @@ class Leg(asyncio.Protocol):
         self.lost = True
         self._cancel_timers()
         peer = self.peer
+        # What the other side still sends has nowhere to go: it is only read to find its close frame.
+        peer.reader.discard()
         if not peer.lost and not peer.close_sent:
             if self.close_received:
                 peer_code, peer_reason = CloseCode.GOING_AWAY, f"{self.name} closed"
@@ -220,8 +222,6 @@ class Leg(asyncio.Protocol):
                 peer_code, peer_reason = CloseCode.GOING_AWAY, "client went away"
             self.session.note_close(self.name, CloseCode.ABNORMAL, "connection lost")
             peer.send_close(peer_code, peer_reason)
-        elif not peer.lost and peer.close_received and not peer.transport.is_closing():
-            peer.transport.close()
         self.session.leg_lost()
 
     # -- keepalive ----------------------------------------------------------------------------------
@@ -282,7 +282,7 @@ class Leg(asyncio.Protocol):
         sock = self.transport.get_extra_info("socket")
         if sock is not None:
             # Where the ioctl is missing, the transport's own buffer is all there is to go on.
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError):  # ValueError: the socket is already closed
                 queued += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
         return queued
 
@@ -290,10 +290,9 @@ class Leg(asyncio.Protocol):
         """No answer to a ping: the peer is gone. Say so (it will likely never read it) and cut the socket;
         the other side gets a going-away."""
         self.session.note_close("gateway", CloseCode.INTERNAL_ERROR, "keepalive timeout")
-        self.close_sent = True
         stuck = self._queued()
-        goodbye = close_payload(CloseCode.INTERNAL_ERROR, "keepalive timeout")
-        self.transport.write(self.reader.frame_to_side(_CLOSE, goodbye))
+        self.reader.discard()
+        self.send_close(CloseCode.INTERNAL_ERROR, "keepalive timeout")
         self.peer.send_close(CloseCode.GOING_AWAY, f"{self.name} did not answer a ping")
         sock = self.transport.get_extra_info("socket")
         if stuck and sock is not None:
@@ -352,6 +351,8 @@ class Leg(asyncio.Protocol):
         gateway in between. This side is then read until its close frame (a lingering close)."""
         self.session.note_close("gateway", code, reason)
         self.reader.discard()
+        if self.close_sent:
+            return  # already closed by the other side's close: it is read until its answer, as it was
         self._failure = close_payload(code, reason)
         self._read_again()
         peer = self.peer

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import socket
+import struct
 import time
 
 from aiohttp import WSMsgType
@@ -190,3 +191,40 @@ async def test_client_that_stops_reading_cannot_hold_its_session_after_closing(g
     assert len(gw.gateway.sessions) == 0
     assert time.monotonic() - started < 5
     writer.transport.abort()
+
+
+async def test_a_client_lost_while_the_upstream_was_held_back_lets_the_upstream_close_cleanly(
+    gateway, upstream, log_events
+):
+    gw = await gateway(
+        f"""
+        limits: {{close_timeout: 5s}}
+        routes: [{{path: /flood, upstream: "{upstream.url("/flood")}", auth: none}}]
+        """
+    )
+    # a client that reads nothing, with a small receive buffer: the upstream's stream fills the buffers on
+    # the way and the upstream is held back
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", gw.port))
+    await loop.sock_sendall(
+        sock,
+        b"GET /flood?count=2000&size=65536 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n",
+    )
+    assert (await loop.sock_recv(sock, 12)).startswith(b"HTTP/1.1 101")
+    await asyncio.sleep(1.0)
+    record = upstream.records[0]
+    assert record.sent < 2000  # held back
+    lost_at = loop.time()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # a reset: the client is gone
+    await asyncio.wait_for(record.closed.wait(), 5)
+    # the upstream is read again, so its close handshake completes: 1001, not a cut after close_timeout
+    assert record.close_code == 1001
+    closed = await log_events.wait_for("session.close", timeout=5)
+    assert loop.time() - lost_at < 3.0
+    assert (closed["initiator"], closed["code"]) == ("client", 1006)
