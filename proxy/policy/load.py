@@ -358,6 +358,9 @@ def _check_limit(source: _Source, node: yaml.Node, path: str, key: str, value: A
         source.fail(node, path, "must be above zero")
     if key == "ipv6_prefix" and not 16 <= value <= 128:
         source.fail(node, path, "must be a prefix length between 16 and 128")
+    if key in ("ping_interval", "ping_timeout") and 0 < value < 0.1:
+        # a timer per side of every session: faster than this costs CPU and finds dead peers no sooner
+        source.fail(node, path, "must be 0 (off) or at least 100ms")
 
 
 def _upstream(source: _Source, node: yaml.Node, path: str) -> Upstream:
