@@ -113,17 +113,7 @@ class RawClient:
 
     async def recv_frame(self, timeout: float = 5.0) -> Frame:
         async with asyncio.timeout(timeout):
-            b0, b1 = await self.reader.readexactly(2)
-            length = b1 & 0x7F
-            if length == 126:
-                (length,) = struct.unpack("!H", await self.reader.readexactly(2))
-            elif length == 127:
-                (length,) = struct.unpack("!Q", await self.reader.readexactly(8))
-            key = await self.reader.readexactly(4) if b1 & 0x80 else None
-            payload = await self.reader.readexactly(length)
-            if key:
-                payload = _mask(payload, key)
-            return Frame(bool(b0 & 0x80), b0 & 0x0F, payload)
+            return await read_frame(self.reader)
 
     async def recv_message(self, timeout: float = 5.0) -> tuple[int, bytes]:
         """The next data message (fragments joined), skipping control frames other than close."""
@@ -163,6 +153,21 @@ class RawClient:
     def abort(self) -> None:
         transport = self.writer.transport
         transport.abort()
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Frame:
+    """The next frame on ``reader``, unmasked if it was masked."""
+    b0, b1 = await reader.readexactly(2)
+    length = b1 & 0x7F
+    if length == 126:
+        (length,) = struct.unpack("!H", await reader.readexactly(2))
+    elif length == 127:
+        (length,) = struct.unpack("!Q", await reader.readexactly(8))
+    key = await reader.readexactly(4) if b1 & 0x80 else None
+    payload = await reader.readexactly(length)
+    if key:
+        payload = _mask(payload, key)
+    return Frame(bool(b0 & 0x80), b0 & 0x0F, payload)
 
 
 def _mask(payload: bytes, key: bytes) -> bytes:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
-from wsraw import accept_upgrade
+from wsraw import accept_upgrade, read_frame
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -91,23 +91,14 @@ async def connect(port: int, path: str) -> tuple[asyncio.StreamReader, asyncio.S
     return reader, writer
 
 
-async def next_frame(reader: asyncio.StreamReader) -> tuple[bool, int, bytes]:
-    b0, b1 = await reader.readexactly(2)
-    length = b1 & 0x7F
-    if length == 126:
-        (length,) = struct.unpack("!H", await reader.readexactly(2))
-    elif length == 127:
-        (length,) = struct.unpack("!Q", await reader.readexactly(8))
-    return bool(b0 & 0x80), b0 & 0x0F, await reader.readexactly(length)
-
-
 async def first_message_or_close(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     """The first data message (fragments joined) or close frame the gateway sends; (0, b"") on a reset."""
     parts: list[bytes] = []
     opcode = 0
     try:
         while True:
-            fin, frame_opcode, payload = await next_frame(reader)
+            frame = await read_frame(reader)
+            fin, frame_opcode, payload = frame.fin, frame.opcode, frame.payload
             if frame_opcode == 0x8:
                 return 0x8, payload
             if frame_opcode in (0x9, 0xA):

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import WSMsgType
-from wsraw import CLOSE, PING, PONG, TEXT, Frame, RawClient, _mask, accept_upgrade
+from wsraw import CLOSE, PING, PONG, TEXT, Frame, RawClient, accept_upgrade, read_frame
 
 
 class RawUpstream:
@@ -59,20 +59,12 @@ class RawUpstream:
             self._tasks.add(task)
         try:
             while True:
-                b0, b1 = await reader.readexactly(2)
-                length = b1 & 0x7F
-                if length == 126:
-                    (length,) = struct.unpack("!H", await reader.readexactly(2))
-                elif length == 127:
-                    (length,) = struct.unpack("!Q", await reader.readexactly(8))
-                key_bytes = await reader.readexactly(4) if b1 & 0x80 else b""
-                payload = await reader.readexactly(length)
-                if key_bytes:
-                    payload = _mask(payload, key_bytes)
-                self.frames.append(Frame(bool(b0 & 0x80), b0 & 0x0F, payload))
-                if b0 & 0x0F == PING and self.answer_pings:
+                frame = await read_frame(reader)
+                self.frames.append(frame)
+                payload = frame.payload
+                if frame.opcode == PING and self.answer_pings:
                     writer.write(bytes([0x80 | PONG, len(payload)]) + payload)
-                if b0 & 0x0F == CLOSE:
+                if frame.opcode == CLOSE:
                     writer.write(bytes([0x80 | CLOSE, len(payload)]) + payload)
         except (asyncio.IncompleteReadError, ConnectionError):
             self.eof.set()
