@@ -93,6 +93,7 @@ class FrameReader:
         "_offset",
         "_out_opcode",
         "_partial",
+        "_partial_at",
         "_remaining",
         "_utf8_tail",
         "backlogged",
@@ -149,7 +150,10 @@ class FrameReader:
         self.last_data = 0.0
         #: The payload of the gateway's ping still unanswered, or None.
         self.ping_payload: bytes | None = None
+        #: Bytes not read yet, from ``_partial_at`` on: a partial header or control frame, or the rest of a
+        #: read waiting for its turn (kept whole with an offset, not copied at every turn).
         self._partial = b""
+        self._partial_at = 0
         self._remaining = 0
         self._offset = 0
         self._mode = _FORWARD
@@ -191,7 +195,8 @@ class FrameReader:
         """Bytes held between calls: the partial header or control frame (or the rest of a read waiting
         for its turn), the UTF-8 tail, the held piece of a frame and the message being gathered (what the
         memory bound in the module docstring counts)."""
-        return len(self._partial) + len(self._utf8_tail) + len(self._gathered) + len(self._hold)
+        held = len(self._partial) - self._partial_at
+        return held + len(self._utf8_tail) + len(self._gathered) + len(self._hold)
 
     # -- bytes in ----------------------------------------------------------------------------------
 
@@ -203,10 +208,15 @@ class FrameReader:
         pieces: list[bytes | bytearray] = []
         if self.close_payload is not None:
             return pieces  # nothing may follow a close frame (RFC 6455 5.5.1)
+        start = 0
         if self._partial:
-            data = self._partial + data
-            self._partial = b""
-        self._read(data, 0, now, pieces)
+            partial, start = self._partial, self._partial_at
+            self._partial, self._partial_at = b"", 0
+            if data:
+                data, start = partial[start:] + data, 0  # a partial header: a few bytes before the read
+            else:
+                data = partial  # a backlog's next turn, read where the last one stopped
+        self._read(data, start, now, pieces)
         return pieces
 
     def _read(self, buf: bytes, pos: int, now: float, pieces: list[bytes | bytearray]) -> None:
@@ -441,7 +451,7 @@ class FrameReader:
             pieces.append(buf if run == 0 and pos == size else buf[run:pos])
         if pos < size:
             # a frame header or a control frame of 125 bytes, or the rest of a read left for the next turn
-            self._partial = buf[pos:]
+            self._partial, self._partial_at = buf, pos
 
     # -- helpers of _read ----------------------------------------------------------------------------
 
