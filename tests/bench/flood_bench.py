@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -32,12 +31,10 @@ from pathlib import Path
 from aiohttp import WSMsgType, web
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO / "tests")]
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from relay_bench import free_port, wait_port  # noqa: E402 - siblings, found through the line above
+from wsraw import read_frame  # noqa: E402
 
 
 def rss_kib(pid: int) -> int:
@@ -84,15 +81,9 @@ async def read_close_code(reader: asyncio.StreamReader) -> int | None:
     """Frames until a close frame; its code, or None if the connection ended without one."""
     try:
         while True:
-            b0, b1 = await reader.readexactly(2)
-            length = b1 & 0x7F
-            if length == 126:
-                (length,) = struct.unpack("!H", await reader.readexactly(2))
-            elif length == 127:
-                (length,) = struct.unpack("!Q", await reader.readexactly(8))
-            payload = await reader.readexactly(length)
-            if b0 & 0x0F == 0x8:
-                return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
+            frame = await read_frame(reader)
+            if frame.opcode == 0x8:
+                return frame.close_code
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
 
@@ -175,14 +166,12 @@ def start_gateway(
         cwd=repo,
         stdout=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return process, port
-        time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("wsgate did not start")
+    try:
+        wait_port(port)
+    except RuntimeError:
+        process.kill()
+        raise
+    return process, port
 
 
 async def main() -> None:
