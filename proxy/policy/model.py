@@ -1,94 +1,281 @@
-"""Frozen, typed policy objects with units already converted.
+"""Frozen, typed policy objects with units already converted, and the declaration of every policy key.
 
 Everything here is built once by :mod:`proxy.policy.load` and then only read. Sizes are bytes (``int``),
 durations are seconds (``float``), rates are events per second (``float``). Hot paths read plain attributes.
+
+Each field is a policy key (:func:`~proxy.policy.declare.key`: YAML name, kind, default, bounds, help,
+where it may appear) or derived from keys (:func:`~proxy.policy.declare.derived`). The loader, ``wsgate
+schema`` and the README's policy reference are built from these declarations; adding a key is adding a
+field here (and, when it needs one, the line of code that uses it).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+from dataclasses import dataclass
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
 
-IPNetwork = IPv4Network | IPv6Network
-IPAddress = IPv4Address | IPv6Address
+from proxy.policy import kinds
+from proxy.policy.declare import (
+    POLICY,
+    POLICY_AND_ROUTE,
+    PROVIDER,
+    ROUTE,
+    Scope,
+    derived,
+    key,
+)
+from proxy.policy.values import (
+    Address,
+    ClaimRule,
+    FirewallRule,
+    IPAddress,
+    IPNetwork,
+    OriginPattern,
+    Upstream,
+)
+
+__all__ = [
+    "Address",
+    "AuthProvider",
+    "ClaimRule",
+    "Firewall",
+    "FirewallRule",
+    "IPAddress",
+    "IPNetwork",
+    "Limits",
+    "Listen",
+    "LogSettings",
+    "MessageRate",
+    "MessageRules",
+    "OriginPattern",
+    "Policy",
+    "Revocation",
+    "Route",
+    "TlsListen",
+    "Upstream",
+    "UpstreamTls",
+]
+
+_WIDE = "is policy-wide; set it under the top-level limits"
 
 
-@dataclass(frozen=True, slots=True)
-class Address:
-    """A host and port to listen on. ``host`` is an IP literal or name, without IPv6 brackets."""
+def _ping(value: float) -> str | None:
+    # a timer per side of every session: faster than this costs CPU and finds dead peers no sooner
+    return "must be 0 (off) or at least 100ms" if 0 < value < 0.1 else None
 
-    host: str
-    port: int
 
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+def _above_zero(value: float) -> str | None:
+    return "must be above zero" if value <= 0 else None
 
 
 @dataclass(frozen=True, slots=True)
 class TlsListen:
     """TLS for the client listener (wss://)."""
 
-    cert_file: Path
-    key_file: Path
-    min_version: Literal["1.2", "1.3"] = "1.2"
+    cert_file: Path = key(
+        name="cert", kind=kinds.FILE, help="PEM certificate chain", scopes=POLICY, required=True
+    )
+    key_file: Path = key(name="key", kind=kinds.FILE, help="PEM private key", scopes=POLICY, required=True)
+    min_version: Literal["1.2", "1.3"] = key(
+        "1.2", kind=kinds.TLS_VERSION, help="oldest TLS version accepted", scopes=POLICY
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class Listen:
     """The client listener."""
 
-    address: Address
-    tls: TlsListen | None = None
+    address: Address = key(
+        kind=kinds.ADDRESS,
+        help="where clients connect",
+        scopes=POLICY,
+        required=True,
+        default_text="0.0.0.0:8080",
+    )
+    tls: TlsListen | None = key(
+        None, kind=kinds.section(TlsListen), help="serve wss:// with this certificate", scopes=POLICY
+    )
     #: Every connection starts with a PROXY protocol v1/v2 header giving the real peer (behind a TCP LB).
-    proxy_protocol: bool = False
+    proxy_protocol: bool = key(
+        False,
+        kind=kinds.BOOL,
+        help="every connection starts with a PROXY protocol v1/v2 header (behind a TCP load balancer)",
+        scopes=POLICY,
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Every bound and timeout, already in bytes and seconds.
 
-    The policy-level ``limits`` are the defaults; a route's ``limits`` override the keys that make sense per
-    route (see :data:`ROUTE_LIMIT_KEYS`), and :attr:`Route.limits` holds the merged result.
+    The policy-level ``limits`` are the defaults; a route's ``limits`` set the keys that may be set per
+    route (declared with the ROUTE scope), and :attr:`Route.limits` holds the merged result.
     A timeout of ``0`` means "no timeout".
     """
 
-    max_message_bytes: int = 1024 * 1024
+    max_message_bytes: int = key(
+        1024 * 1024,
+        name="max_message_size",
+        kind=kinds.SIZE,
+        help="larger message: close 1009 to its sender, 1001 to the other side",
+        scopes=POLICY_AND_ROUTE,
+        minimum=1,
+        maximum=1024**3,
+        bounds="must be between 1B and 1GiB",
+    )
     #: Frames per message, empty ones included; 0: derived from the message size (:meth:`fragments_allowed`).
-    max_fragments: int = 0
-    max_header_bytes: int = 16 * 1024
+    max_fragments: int = key(
+        0,
+        kind=kinds.COUNT,
+        help="frames per message, empty ones included; more: 1009",
+        scopes=POLICY_AND_ROUTE,
+        default_text="max(1024, max_message_size / 256)",
+    )
+    max_header_bytes: int = key(
+        16 * 1024,
+        kind=kinds.SIZE,
+        help="larger upgrade request: 431 (read before a route is known)",
+        scopes=POLICY,
+        minimum=1024,
+        maximum=1024**2,
+        bounds="must be between 1KiB and 1MiB",
+        misplaced=_WIDE,
+    )
     #: No data message either way for this long closes the session (0: never). Pings do not count: dead
     #: peers are found by keepalive, so a quiet but healthy session is not cut by default.
-    idle_timeout: float = 0.0
+    idle_timeout: float = key(
+        0.0,
+        kind=kinds.DURATION,
+        help="no data message either way this long: close 1001 idle timeout (0: off)",
+        scopes=POLICY_AND_ROUTE,
+    )
     #: Keepalive: a side quiet for ``ping_interval`` is pinged, and cut if no pong within ``ping_timeout``
     #: (ping_interval 0: no pings; ping_timeout 0: pings, e.g. for NATs, but no answer required).
-    ping_interval: float = 20.0
-    ping_timeout: float = 20.0
-    handshake_timeout: float = 10.0
-    upstream_connect_timeout: float = 5.0
-    close_timeout: float = 5.0
-    drain_timeout: float = 30.0
+    ping_interval: float = key(
+        20.0,
+        kind=kinds.DURATION,
+        help="a side quiet this long is pinged (0: no pings; else at least 100ms)",
+        scopes=POLICY_AND_ROUTE,
+        check=_ping,
+    )
+    ping_timeout: float = key(
+        20.0,
+        kind=kinds.DURATION,
+        help="no pong this long after a ping: 1011 keepalive timeout, socket cut (0: not awaited)",
+        scopes=POLICY_AND_ROUTE,
+        check=_ping,
+    )
+    handshake_timeout: float = key(
+        10.0,
+        kind=kinds.DURATION,
+        help="TLS and the upgrade request must arrive within this, else 408 (before a route is known)",
+        scopes=POLICY,
+        check=_above_zero,
+        misplaced=_WIDE,
+    )
+    upstream_connect_timeout: float = key(
+        5.0,
+        kind=kinds.DURATION,
+        help="TCP, TLS and the upstream's 101 within this, else 502",
+        scopes=POLICY_AND_ROUTE,
+        check=_above_zero,
+    )
+    close_timeout: float = key(
+        5.0,
+        kind=kinds.DURATION,
+        help="how long a side gets to answer a close frame before its socket is cut",
+        scopes=POLICY_AND_ROUTE,
+        check=_above_zero,
+    )
+    drain_timeout: float = key(
+        30.0,
+        kind=kinds.DURATION,
+        help="graceful stop: how long sessions get after close 1001 (process-wide)",
+        scopes=POLICY,
+        misplaced=_WIDE,
+    )
     #: Handshakes per second per client IP and the burst allowed above it (None: unlimited).
-    handshakes_per_ip: float | None = None
-    handshake_burst: int = 1
+    handshakes_per_ip: float | None = key(
+        None,
+        kind=kinds.RATE,
+        help="handshakes per client IP, above it 429 rate_limited with Retry-After (unset: unlimited)",
+        scopes=POLICY_AND_ROUTE,
+    )
+    handshake_burst: int = key(
+        1,
+        kind=kinds.COUNT,
+        help="handshakes allowed at once above handshakes_per_ip",
+        scopes=POLICY_AND_ROUTE,
+    )
     #: Concurrent sessions per client IP, and per token subject (None: unlimited).
-    connections_per_ip: int | None = None
-    connections_per_subject: int | None = None
+    connections_per_ip: int | None = key(
+        None,
+        kind=kinds.COUNT,
+        help="sessions at once per client IP, above it 429 conn_limit (unset: unlimited)",
+        scopes=POLICY_AND_ROUTE,
+    )
+    connections_per_subject: int | None = key(
+        None,
+        kind=kinds.COUNT,
+        help="sessions at once per token subject, above it 429 conn_limit (unset: unlimited)",
+        scopes=POLICY_AND_ROUTE,
+    )
     #: Client messages per second per session with a burst; client bytes per second with a burst.
-    messages_per_connection: float | None = None
-    message_burst: int = 1
-    bytes_per_connection: float | None = None
-    byte_burst: int = 0
+    messages_per_connection: float | None = key(
+        None,
+        kind=kinds.RATE,
+        help="client messages (pings, pongs and closes included) per session; over it: on_rate_limit",
+        scopes=POLICY_AND_ROUTE,
+    )
+    message_burst: int = key(
+        1,
+        kind=kinds.COUNT,
+        help="messages allowed at once above messages_per_connection",
+        scopes=POLICY_AND_ROUTE,
+    )
+    bytes_per_connection: float | None = key(
+        None,
+        kind=kinds.BYTE_RATE,
+        help="client bytes per session; over it: on_rate_limit",
+        scopes=POLICY_AND_ROUTE,
+    )
+    byte_burst: int = key(
+        0,
+        kind=kinds.SIZE,
+        help="bytes allowed at once above bytes_per_connection",
+        scopes=POLICY_AND_ROUTE,
+        default_text="max(one second of bytes_per_connection, max_message_size)",
+    )
     #: What a session over its message or byte rate gets: closed with 1008, or its message dropped.
-    on_rate_limit: Literal["close", "drop"] = "close"
+    on_rate_limit: Literal["close", "drop"] = key(
+        "close",
+        kind=kinds.choice("close", "drop"),
+        help="over a message or byte rate: close 1008 rate limit exceeded, or drop the message and count it",
+        scopes=POLICY_AND_ROUTE,
+    )
     #: Per-IP limits count an IPv6 client by this prefix: one host usually holds a whole /64, and could
     #: otherwise take a fresh address for every handshake. 128 counts each address on its own.
-    ipv6_prefix: int = 64
+    ipv6_prefix: int = key(
+        64,
+        kind=kinds.COUNT,
+        help="per-IP limits count an IPv6 client by this prefix (128: each address on its own)",
+        scopes=POLICY,
+        minimum=16,
+        maximum=128,
+        bounds="must be a prefix length between 16 and 128",
+        misplaced=_WIDE,
+    )
     #: Client connections held at once, process-wide: in their TLS handshake, sending their upgrade request,
     #: being judged, and live sessions. A client arriving above it gets 503 ``overloaded``.
-    max_connections: int = 10_000
+    max_connections: int = key(
+        10_000,
+        kind=kinds.COUNT,
+        help="client connections held at once, all routes together (process-wide); above it 503 overloaded",
+        scopes=POLICY,
+        misplaced=_WIDE,
+    )
 
     def fragments_allowed(self, max_message_bytes: int) -> int:
         """Frames a message of at most ``max_message_bytes`` may come in: ``max_fragments``, or by default
@@ -98,92 +285,202 @@ class Limits:
         return self.max_fragments or max(1024, max_message_bytes // 256)
 
 
-#: YAML key under ``limits`` -> field of :class:`Limits`.
-LIMIT_KEYS: dict[str, str] = {
-    "max_message_size": "max_message_bytes",
-    "max_fragments": "max_fragments",
-    "max_header_bytes": "max_header_bytes",
-    "idle_timeout": "idle_timeout",
-    "ping_interval": "ping_interval",
-    "ping_timeout": "ping_timeout",
-    "handshake_timeout": "handshake_timeout",
-    "upstream_connect_timeout": "upstream_connect_timeout",
-    "close_timeout": "close_timeout",
-    "drain_timeout": "drain_timeout",
-    "handshakes_per_ip": "handshakes_per_ip",
-    "handshake_burst": "handshake_burst",
-    "connections_per_ip": "connections_per_ip",
-    "connections_per_subject": "connections_per_subject",
-    "messages_per_connection": "messages_per_connection",
-    "message_burst": "message_burst",
-    "bytes_per_connection": "bytes_per_connection",
-    "byte_burst": "byte_burst",
-    "on_rate_limit": "on_rate_limit",
-    "ipv6_prefix": "ipv6_prefix",
-    "max_connections": "max_connections",
-}
+@dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """How a wss:// upstream's certificate is verified."""
 
-#: The ``limits`` keys a route may override; the others act before a route is known or are process-wide.
-ROUTE_LIMIT_KEYS: frozenset[str] = frozenset(
-    {
-        "max_message_size",
-        "max_fragments",
-        "idle_timeout",
-        "ping_interval",
-        "ping_timeout",
-        "upstream_connect_timeout",
-        "close_timeout",
-        "connections_per_subject",
-        "messages_per_connection",
-        "message_burst",
-        "bytes_per_connection",
-        "byte_burst",
-        "on_rate_limit",
-    }
-)
+    ca_file: Path | None = key(
+        None,
+        kind=kinds.CA_FILE,
+        help="CA bundle to verify the upstream with (default: the system's)",
+        scopes=ROUTE,
+    )
+    insecure_skip_verify: bool = key(
+        False, kind=kinds.BOOL, help="do not verify the upstream's certificate (tests only)", scopes=ROUTE
+    )
 
 
 @dataclass(frozen=True, slots=True)
-class Upstream:
-    """Where a route's sessions go: a ws:// or wss:// URL split into what the connector needs."""
+class MessageRules:
+    """What one direction of a route may send, checked per message by the relay.
 
-    url: str
-    secure: bool
-    host: str
-    port: int
-    #: Path of the URL, or "" when the URL has none (then the client's path is sent as it is).
-    path: str
-    #: Query of the URL without "?", merged before the client's query.
-    query: str
-    #: For wss://: a CA bundle to verify the upstream with instead of the system's, or no verification
-    #: at all (tests only).
-    ca_file: Path | None = None
-    insecure_skip_verify: bool = False
+    ``max_message_bytes`` is the route's limit unless the direction overrides it. ``schema`` is the JSON
+    Schema document (already read from ``schema_file``); the relay compiles it once.
+    """
+
+    max_message_bytes: int = key(
+        kind=kinds.SIZE,
+        name="max_message_size",
+        help="this direction's own message size limit (default: the route's)",
+        scopes=ROUTE,
+        minimum=1,
+        bounds="must be at least 1B",
+        default_text="limits.max_message_size",
+    )
+    types: frozenset[int] = key(
+        frozenset({1, 2}), kind=kinds.MESSAGE_TYPES, help="message types allowed; other: 1003", scopes=ROUTE
+    )
+    utf8: bool = key(
+        True,
+        kind=kinds.BOOL,
+        help="text must be valid UTF-8, else 1007 (default: true for client, false for upstream)",
+        scopes=ROUTE,
+    )
+    json: bool = key(False, kind=kinds.BOOL, help="text must be one JSON document, else 1007", scopes=ROUTE)
+    schema_file: Path | None = key(
+        None,
+        kind=kinds.SCHEMA_FILE,
+        help="text must validate against this JSON Schema, else 1008",
+        scopes=ROUTE,
+    )
+    schema: dict[str, object] | None = derived("schema_file's document", None, repr=False, hash=False)
+    #: "close": the offender is closed (1003/1007/1008); "drop": the message is dropped and counted.
+    on_violation: Literal["close", "drop"] = key(
+        "close",
+        kind=kinds.choice("close", "drop"),
+        help="a broken rule: close the offender, or drop the message and count it",
+        scopes=ROUTE,
+    )
+
+    @property
+    def inspects_content(self) -> bool:
+        """Whether a message's bytes must be seen whole (so fragmented messages are coalesced)."""
+        return self.utf8 or self.json or self.schema is not None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRate:
+    """Per-connection rate of client messages: a token bucket of messages and one of bytes."""
+
+    messages_per_second: float | None = derived("limits.messages_per_connection", None)
+    message_burst: int = derived("limits.message_burst", 1)
+    bytes_per_second: float | None = derived("limits.bytes_per_connection", None)
+    byte_burst: int = derived("limits.byte_burst", 0)
+    on_limit: Literal["close", "drop"] = derived("limits.on_rate_limit", "close")
+
+
+@dataclass(frozen=True, slots=True)
+class Firewall:
+    """Rules read top to bottom; the first whose network holds the IP decides, else ``default_allow``."""
+
+    rules: tuple[FirewallRule, ...] = key(
+        (),
+        kind=kinds.FIREWALL_RULES,
+        help="read top to bottom; the first that holds the IP decides",
+        scopes=POLICY_AND_ROUTE,
+    )
+    default_allow: bool = key(
+        True,
+        name="default",
+        kind=kinds.flag("allow", "deny"),
+        help="for an IP no rule holds",
+        scopes=POLICY_AND_ROUTE,
+    )
+
+    def allows(self, ip: IPAddress) -> bool:
+        """Whether the first matching rule (or the default) allows ``ip``."""
+        for rule in self.rules:
+            if ip.version == rule.network.version and ip in rule.network:
+                return rule.allow
+        return self.default_allow
+
+    def allows_text(self, ip: str) -> bool:
+        """Like :meth:`allows` for an IP as text; an unparsable IP only passes a default-allow firewall
+        without rules (it can match no network)."""
+        try:
+            return self.allows(ip_address(ip))
+        except ValueError:
+            return self.default_allow and not self.rules
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
     """One path the gateway serves and the upstream behind it."""
 
-    path: str
-    match: Literal["exact", "prefix"]
-    upstream: Upstream
+    path: str = key(kind=kinds.ROUTE_PATH, help="the request path served", scopes=ROUTE, required=True)
     #: Name of the auth provider, or None for ``auth: none`` (open route).
-    auth: str | None
-    limits: Limits
+    auth: str | None = key(
+        kind=kinds.AUTH_NAME,
+        help="the auth provider checking tokens, or none for an open route",
+        scopes=ROUTE,
+        required=True,
+        hint=" (use 'auth: none' for an open route)",
+    )
+    upstream: Upstream = key(
+        kind=kinds.UPSTREAM_URL,
+        help="where sessions go; its path replaces the route's (nginx proxy_pass style)",
+        scopes=ROUTE,
+        required=True,
+    )
+    limits: Limits = key(
+        kind=kinds.section(Limits, Scope.ROUTE),
+        help="this route's own limits (see limits)",
+        scopes=ROUTE,
+        default_text="the policy's limits",
+    )
+    match: Literal["exact", "prefix"] = key(
+        "exact",
+        kind=kinds.choice("exact", "prefix"),
+        help="prefix also serves path/... (never pathfoo)",
+        scopes=ROUTE,
+    )
+    upstream_tls: UpstreamTls | None = key(
+        None, kind=kinds.section(UpstreamTls), help="verification of a wss:// upstream", scopes=ROUTE
+    )
     #: Message rules per direction (None: frame syntax and ``max_message_size`` only), client message rate.
-    client_rules: MessageRules | None = None
-    upstream_rules: MessageRules | None = None
-    message_rate: MessageRate | None = None
+    client_rules: MessageRules | None = key(
+        None,
+        name="messages.client",
+        kind=kinds.section(MessageRules),
+        help="what clients may send",
+        scopes=ROUTE,
+    )
+    upstream_rules: MessageRules | None = key(
+        None,
+        name="messages.upstream",
+        kind=kinds.section(MessageRules),
+        help="what the upstream may send",
+        scopes=ROUTE,
+    )
+    message_rate: MessageRate | None = derived(
+        "limits.messages_per_connection and bytes_per_connection", None
+    )
     #: Route firewall, applied after the policy's; both must allow.
-    firewall: Firewall | None = None
+    firewall: Firewall | None = key(
+        None,
+        kind=kinds.section(Firewall),
+        help="applied after the policy's firewall; both must allow",
+        scopes=ROUTE,
+    )
     #: Browser origins allowed (empty: any); whether a handshake without Origin (non-browser) passes.
-    origins: tuple[OriginPattern, ...] = ()
-    allow_missing_origin: bool = True
+    origins: tuple[OriginPattern, ...] = key(
+        (),
+        kind=kinds.ORIGINS,
+        help="browser origins allowed (https://app.example.com, https://*.example.com)",
+        scopes=ROUTE,
+    )
+    allow_missing_origin: bool = key(
+        True,
+        kind=kinds.BOOL,
+        help="whether a handshake without Origin (not a browser) passes origins",
+        scopes=ROUTE,
+    )
     #: Claims copied into upstream request headers (claim, header name); a client's own are dropped.
-    forward_claims: tuple[tuple[str, str], ...] = ()
+    forward_claims: tuple[tuple[str, str], ...] = key(
+        (),
+        kind=kinds.FORWARD_CLAIMS,
+        help="claims copied into upstream headers (a client's own are dropped)",
+        scopes=ROUTE,
+    )
     #: Whether the token (Authorization header, token cookie) reaches the upstream.
-    forward_token: bool = False
+    forward_token: bool = key(
+        False,
+        kind=kinds.BOOL,
+        help="whether the Authorization header and token cookie reach the upstream",
+        scopes=ROUTE,
+    )
+    #: The ``Limits`` fields this route's own ``limits`` set: its rates and caps are its own buckets.
+    own_limits: frozenset[str] = derived("the keys of the route's limits", frozenset())
 
     def matches(self, request_path: str) -> bool:
         """Whether ``request_path`` (no query) belongs to this route.
@@ -219,31 +516,184 @@ class Route:
 class LogSettings:
     """Where and how much wsgate logs; the command line's ``--log-format``/``--log-level`` win."""
 
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    level: Literal["debug", "info", "warning", "error"] = key(
+        "info",
+        kind=kinds.choice("debug", "info", "warning", "error"),
+        help="least severe level written",
+        scopes=POLICY,
+    )
     #: ``auto``: readable text when stdout is a terminal, JSON lines otherwise.
-    format: Literal["auto", "json", "text"] = "auto"
+    format: Literal["auto", "json", "text"] = key(
+        "auto",
+        kind=kinds.choice("auto", "json", "text"),
+        help="json lines, readable text, or auto: text on a terminal, json otherwise",
+        scopes=POLICY,
+    )
     #: Warnings and errors are also appended here (JSON lines), when set.
-    error_file: Path | None = None
+    error_file: Path | None = key(
+        None,
+        kind=kinds.NEW_FILE,
+        help="warnings and errors are also appended here (JSON lines)",
+        scopes=POLICY,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AuthProvider:
+    """How one token issuer is checked. Exactly one key source is set: ``secret``, ``public_key`` or
+    ``jwks_url``; the loader guarantees ``algorithms`` fit it (no HMAC with an RSA/EC key, never ``none``).
+
+    ``secret`` is None with ``secret_env`` set only in a policy loaded for ``check`` or ``explain`` where
+    the variable is not set (``serve`` refuses such a policy).
+    """
+
+    name: str = derived("its key under auth")
+    algorithms: tuple[str, ...] = key(
+        kind=kinds.ALGORITHM_LIST,
+        help="accepted algorithms (HS*, RS*, PS*, ES*, EdDSA; never none)",
+        scopes=PROVIDER,
+        required=True,
+    )
+    issuer: str | None = key(None, kind=kinds.STRING, help="required iss", scopes=PROVIDER)
+    audiences: tuple[str, ...] = key(
+        (), kind=kinds.STRINGS, help="aud must hold one of these", scopes=PROVIDER
+    )
+    #: HMAC secret, read from the environment variable ``secret_env`` at load time.
+    secret: bytes | None = derived("the environment variable secret_env", None, repr=False)
+    secret_env: str | None = key(
+        None,
+        kind=kinds.STRING,
+        help="environment variable holding the HMAC secret (at least 32 bytes)",
+        scopes=PROVIDER,
+    )
+    #: A PEM public key (bytes), read from ``public_key_file`` at load time.
+    public_key: bytes | None = derived("the file public_key_file", None, repr=False)
+    public_key_file: Path | None = key(
+        None, kind=kinds.FILE, help="PEM public key (RSA, EC or Ed25519/Ed448)", scopes=PROVIDER
+    )
+    jwks_url: str | None = key(
+        None, kind=kinds.HTTP_URL, help="JWKS document with the signing keys", scopes=PROVIDER
+    )
+    jwks_cache_ttl: float = key(
+        300.0, kind=kinds.DURATION, help="JWKS refetched when older than this", scopes=PROVIDER
+    )
+    jwks_min_refresh: float = key(
+        30.0, kind=kinds.DURATION, help="at most one refetch per this for an unknown kid", scopes=PROVIDER
+    )
+    jwks_timeout: float = key(
+        5.0, kind=kinds.DURATION, help="a JWKS fetch's timeout (0: the default)", scopes=PROVIDER
+    )
+    leeway: float = key(
+        0.0, kind=kinds.DURATION, help="clock skew allowed on exp, nbf and iat", scopes=PROVIDER
+    )
+    require_exp: bool = key(True, kind=kinds.BOOL, help="a token without exp is refused", scopes=PROVIDER)
+    token_sources: tuple[Literal["header", "query", "cookie", "subprotocol"], ...] = key(
+        ("header",),
+        kind=kinds.TOKEN_SOURCE_LIST,
+        help="where the token is looked for, in order: header, query, cookie, subprotocol",
+        scopes=PROVIDER,
+    )
+    query_parameter: str = key(
+        "access_token", kind=kinds.STRING, help="query parameter of the query source", scopes=PROVIDER
+    )
+    cookie_name: str = key(
+        "access_token", kind=kinds.STRING, help="cookie of the cookie source", scopes=PROVIDER
+    )
+    subprotocol_prefix: str = key(
+        "bearer.",
+        kind=kinds.STRING,
+        help="Sec-WebSocket-Protocol entry prefix of the subprotocol source",
+        scopes=PROVIDER,
+    )
+    required_claims: tuple[ClaimRule, ...] = key(
+        (),
+        kind=kinds.CLAIMS,
+        help="claims that must hold one of the values, else 403 claims",
+        scopes=PROVIDER,
+    )
+    max_token_bytes: int = key(
+        8 * 1024, kind=kinds.SIZE, help="a larger token is refused unparsed", scopes=PROVIDER
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """Token subjects and ids refused at the handshake, and closed (1008) on reload when live."""
+
+    subjects: frozenset[str] = key(
+        frozenset(), kind=kinds.STRING_SET, help="token subjects (sub) refused", scopes=POLICY
+    )
+    token_ids: frozenset[str] = key(
+        frozenset(), kind=kinds.STRING_SET, help="token ids (jti) refused", scopes=POLICY
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class Policy:
     """A whole policy file, valid and ready to serve."""
 
-    version: int
-    listen: Listen
-    admin: Address
-    limits: Limits
-    routes: tuple[Route, ...]
+    version: int = key(
+        1, kind=kinds.VERSION, help="the policy format; this wsgate reads 1", scopes=POLICY, required=True
+    )
+    listen: Listen = key(
+        Listen(Address("0.0.0.0", 8080)),
+        kind=kinds.section(Listen),
+        help="the client listener",
+        scopes=POLICY,
+    )
+    admin: Address = key(
+        Address("127.0.0.1", 9090),
+        kind=kinds.ADDRESS,
+        name="admin.address",
+        help="the admin listener: metrics, health, policy",
+        scopes=POLICY,
+    )
     #: Peers whose X-Forwarded-For is believed.
-    trusted_proxies: tuple[IPNetwork, ...] = ()
-    firewall: Firewall = field(default_factory=lambda: Firewall())
-    auth: tuple[AuthProvider, ...] = ()
-    revoked: Revocation = field(default_factory=lambda: Revocation())
-    log: LogSettings = field(default_factory=lambda: LogSettings())
+    trusted_proxies: tuple[IPNetwork, ...] = key(
+        (), kind=kinds.NETWORKS, help="peers whose X-Forwarded-For is believed", scopes=POLICY
+    )
+    auth: tuple[AuthProvider, ...] = key(
+        (),
+        kind=kinds.section_map(AuthProvider, "provider names to providers"),
+        help="token providers by name",
+        scopes=POLICY,
+    )
+    firewall: Firewall = key(
+        kind=kinds.section(Firewall),
+        help="CIDR rules for every route",
+        scopes=POLICY,
+        default_factory=lambda: Firewall(),
+    )
+    limits: Limits = key(
+        kind=kinds.section(Limits, Scope.POLICY),
+        help="every bound and timeout",
+        scopes=POLICY,
+        default_factory=lambda: Limits(),
+    )
+    routes: tuple[Route, ...] = key(
+        (),
+        kind=kinds.section_list(Route),
+        help="the paths served (at least one)",
+        scopes=POLICY,
+        required=True,
+    )
+    revoked: Revocation = key(
+        kind=kinds.section(Revocation),
+        help="tokens refused, and live sessions closed on reload",
+        scopes=POLICY,
+        default_factory=lambda: Revocation(),
+    )
+    log: LogSettings = key(
+        kind=kinds.section(LogSettings),
+        help="how wsgate logs",
+        scopes=POLICY,
+        default_factory=lambda: LogSettings(),
+    )
     #: The file it came from (None when parsed from a string), and the sha256 of its bytes.
-    source: Path | None = None
-    sha256: str = ""
+    source: Path | None = derived("the file read", None)
+    sha256: str = derived("the file's bytes", "")
+    #: What ``check`` warns about: a secret's environment variable not set (``serve`` refuses the file).
+    warnings: tuple[str, ...] = derived("the loader, when secrets need not be present", ())
 
     def provider(self, name: str) -> AuthProvider:
         """The auth provider called ``name`` (the loader guarantees every route's provider exists)."""
@@ -263,161 +713,3 @@ class Policy:
             if best is None or len(route.path) > len(best.path):
                 best = route
         return best
-
-
-# -- security guards ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimRule:
-    """A required claim: its value must equal one of ``allowed``; a list claim, or a space-separated
-    string such as OAuth's ``scope``, must contain one of them."""
-
-    claim: str
-    allowed: tuple[str | int | bool, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class AuthProvider:
-    """How one token issuer is checked. Exactly one key source is set: ``secret``, ``public_key`` or
-    ``jwks_url``; the loader guarantees ``algorithms`` fit it (no HMAC with an RSA/EC key, never ``none``)."""
-
-    name: str
-    algorithms: tuple[str, ...]
-    issuer: str | None = None
-    audiences: tuple[str, ...] = ()
-    #: HMAC secret, read from the environment variable ``secret_env`` at load time.
-    secret: bytes | None = field(default=None, repr=False)
-    secret_env: str | None = None
-    #: A PEM public key (bytes), read from ``public_key_file`` at load time.
-    public_key: bytes | None = field(default=None, repr=False)
-    public_key_file: Path | None = None
-    jwks_url: str | None = None
-    jwks_cache_ttl: float = 300.0
-    jwks_min_refresh: float = 30.0
-    jwks_timeout: float = 5.0
-    leeway: float = 0.0
-    require_exp: bool = True
-    token_sources: tuple[Literal["header", "query", "cookie", "subprotocol"], ...] = ("header",)
-    query_parameter: str = "access_token"
-    cookie_name: str = "access_token"
-    subprotocol_prefix: str = "bearer."
-    required_claims: tuple[ClaimRule, ...] = ()
-    max_token_bytes: int = 8 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class MessageRules:
-    """What one direction of a route may send, checked per message by the relay.
-
-    ``max_message_bytes`` is the route's limit unless the direction overrides it. ``schema`` is the JSON
-    Schema document (already read from ``schema_file``); the relay compiles it once.
-    """
-
-    max_message_bytes: int
-    types: frozenset[int] = frozenset({1, 2})
-    utf8: bool = True
-    json: bool = False
-    schema_file: Path | None = None
-    schema: dict[str, object] | None = field(default=None, repr=False, hash=False)
-    #: "close": the offender is closed (1003/1007/1008); "drop": the message is dropped and counted.
-    on_violation: Literal["close", "drop"] = "close"
-
-    @property
-    def inspects_content(self) -> bool:
-        """Whether a message's bytes must be seen whole (so fragmented messages are coalesced)."""
-        return self.utf8 or self.json or self.schema is not None
-
-
-@dataclass(frozen=True, slots=True)
-class MessageRate:
-    """Per-connection rate of client messages: a token bucket of messages and one of bytes."""
-
-    messages_per_second: float | None = None
-    message_burst: int = 1
-    bytes_per_second: float | None = None
-    byte_burst: int = 0
-    on_limit: Literal["close", "drop"] = "close"
-
-
-@dataclass(frozen=True, slots=True)
-class FirewallRule:
-    """``allow`` or ``deny`` one network."""
-
-    allow: bool
-    network: IPNetwork
-
-
-@dataclass(frozen=True, slots=True)
-class Firewall:
-    """Rules read top to bottom; the first whose network holds the IP decides, else ``default_allow``."""
-
-    rules: tuple[FirewallRule, ...] = ()
-    default_allow: bool = True
-
-    def allows(self, ip: IPAddress) -> bool:
-        """Whether the first matching rule (or the default) allows ``ip``."""
-        for rule in self.rules:
-            if ip.version == rule.network.version and ip in rule.network:
-                return rule.allow
-        return self.default_allow
-
-    def allows_text(self, ip: str) -> bool:
-        """Like :meth:`allows` for an IP as text; an unparsable IP only passes a default-allow firewall
-        without rules (it can match no network)."""
-        try:
-            return self.allows(ip_address(ip))
-        except ValueError:
-            return self.default_allow and not self.rules
-
-
-@dataclass(frozen=True, slots=True)
-class OriginPattern:
-    """``https://app.example.com`` (exact) or ``https://*.example.com`` (any subdomain, not the apex)."""
-
-    scheme: str
-    host: str
-    port: int | None
-    wildcard: bool
-
-    @classmethod
-    def parse(cls, text: str) -> OriginPattern:
-        """Parse an allowlist entry.
-
-        Raises:
-            ValueError: not ``scheme://host[:port]`` with scheme http or https and nothing after the host.
-        """
-        split = urlsplit(text.strip())
-        if split.scheme not in ("http", "https"):
-            raise ValueError(f"expected an origin like https://app.example.com, got {text!r}")
-        if split.path not in ("", "/") or split.query or split.fragment or split.username:
-            raise ValueError(f"an origin has no path, query or user: {text!r}")
-        host = (split.hostname or "").lower()
-        wildcard = host.startswith("*.")
-        if wildcard:
-            host = host[2:]
-        if not host or "*" in host:
-            raise ValueError(f"expected an origin like https://*.example.com, got {text!r}")
-        return cls(split.scheme, host, split.port, wildcard)
-
-    def matches(self, scheme: str, host: str, port: int | None) -> bool:
-        """Whether a parsed Origin fits this pattern (ports compared with scheme defaults applied)."""
-        if scheme != self.scheme or _port(scheme, port) != _port(self.scheme, self.port):
-            return False
-        if self.wildcard:
-            return host.endswith("." + self.host)
-        return host == self.host
-
-
-def _port(scheme: str, port: int | None) -> int:
-    if port is not None:
-        return port
-    return 443 if scheme == "https" else 80
-
-
-@dataclass(frozen=True, slots=True)
-class Revocation:
-    """Token subjects and ids refused at the handshake, and closed (1008) on reload when live."""
-
-    subjects: frozenset[str] = frozenset()
-    token_ids: frozenset[str] = frozenset()

@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import re
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s?(B|KiB|MiB|GiB)\s*$")
+#: The textual forms, also written into the policy's JSON Schema (these regular expressions mean the same
+#: in Python and in the ECMA-262 dialect JSON Schema uses).
+SIZE_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s?(B|KiB|MiB|GiB)\s*$"
+DURATION_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s?(ms|s|m|h)\s*$"
+RATE_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$"
+BYTE_RATE_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s?(B|KiB|MiB|GiB)\s*/\s*(s|m|h)\s*$"
+
+_SIZE = re.compile(SIZE_PATTERN)
 _SIZE_UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 _DECIMAL_SIZE = re.compile(r"^\s*\d+(?:\.\d+)?\s?([kKmMgG][bB]|[kKmMgG])\s*$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s?(ms|s|m|h)\s*$")
+_DURATION = re.compile(DURATION_PATTERN)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
+_RATE = re.compile(RATE_PATTERN)
 _PER = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -75,3 +82,29 @@ def parse_byte_rate(value: object) -> float:
     if rate <= 0:
         raise ValueError("a rate must be above zero")
     return rate
+
+
+def format_size(size: int) -> str:
+    """Bytes as the largest unit that divides them: ``1MiB``, ``16KiB``, ``100B``."""
+    for unit in ("GiB", "MiB", "KiB"):
+        if size and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return f"{size}B"
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as a policy duration: ``20s``, ``5m``, ``100ms``; 0 is ``0``."""
+    if seconds == 0:
+        return "0"
+    for unit in ("h", "m", "s"):
+        count = seconds / _DURATION_UNITS[unit]
+        if count >= 1 and count == int(count):
+            return f"{int(count)}{unit}"
+    return f"{seconds * 1000:g}ms"
+
+
+def format_rate(per_second: float) -> str:
+    """Events per second as ``N/s`` (or ``N/m`` when that is whole)."""
+    if per_second != int(per_second) and (per_second * 60) == int(per_second * 60):
+        return f"{int(per_second * 60)}/m"
+    return f"{per_second:g}/s"

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import PolicyError
-from proxy.policy.load import _PROVIDER_KEYS, _ROUTE_KEYS, _TOP_KEYS, parse_policy
-from proxy.policy.model import LIMIT_KEYS
+from proxy.policy.load import parse_policy
+from proxy.policy.schema import SECTION_CLASSES, key_names
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = {path.name: path for path in sorted((ROOT / "policies").glob("*.yaml"))}
@@ -25,10 +25,8 @@ EXAMPLES = {path.name: path for path in sorted((ROOT / "policies").glob("*.yaml"
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 KEYS = sorted(
-    {*_TOP_KEYS, *_ROUTE_KEYS, *_PROVIDER_KEYS, *LIMIT_KEYS}
-    | {"address", "tls", "proxy_protocol", "cert", "key", "min_version", "default", "rules", "allow", "deny"}
-    | {"ca_file", "insecure_skip_verify", "client", "types", "utf8", "json", "on_violation", "schema_file"}
-    | {"subjects", "token_ids", "level", "format", "error_file", "main", "corp", "scope", "sub"}
+    {name for cls in SECTION_CLASSES for name in key_names(cls)}
+    | {"allow", "deny", "main", "corp", "scope", "sub"}
 )
 #: Values close to valid ones: units, URLs, CIDRs, addresses, enum words, and their near misses.
 WORDS = [
