@@ -52,9 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check",
         help="validate a policy file",
-        description="Validate a policy file: exit 0 if valid, else 1 with file:line: key: message.",
+        description="Validate a policy file: exit 0 if valid, else 1 with file:line: key: message. A "
+        "secret_env variable that is not set here is a warning (wsgate serve refuses it).",
     )
     check.add_argument("-c", "--config", required=True, metavar="FILE", help="policy file (YAML)")
+
+    schema = commands.add_parser(
+        "schema",
+        help="print the policy's JSON Schema",
+        description="Print the JSON Schema (draft 2020-12) of policy files, for editors to check a policy "
+        "as it is typed, or (--format markdown) the reference table of every policy key.",
+    )
+    schema.add_argument("--format", choices=("json", "markdown"), default="json", help="default: json")
 
     demo = commands.add_parser(
         "demo",
@@ -92,7 +101,7 @@ class ArgumentError(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``wsgate`` and ``python -m proxy``; returns the exit code."""
     args = build_parser().parse_args(argv)
-    commands = {"check": _check, "serve": _serve, "demo": _demo, "explain": _explain}
+    commands = {"check": _check, "serve": _serve, "demo": _demo, "explain": _explain, "schema": _schema}
     try:
         return commands[args.command](args)
     except (PolicyError, StartupError, ArgumentError) as error:
@@ -101,8 +110,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    policy = load_policy(args.config)
+    policy = load_policy(args.config, require_secrets=False)
+    for warning in policy.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"ok: {args.config}: {len(policy.routes)} route(s), sha256 {policy.sha256[:12]}")
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    import json
+
+    from proxy.policy.schema import policy_schema, reference_table
+
+    if args.format == "markdown":
+        sys.stdout.write(reference_table())
+    else:
+        sys.stdout.write(json.dumps(policy_schema(), indent=2) + "\n")
     return 0
 
 
@@ -127,7 +150,7 @@ def _explain(args: argparse.Namespace) -> int:
 
     from proxy.explain import explain
 
-    policy = load_policy(args.config)
+    policy = load_policy(args.config, require_secrets=False)
     try:
         client_ip = str(ipaddress.ip_address(args.ip))
     except ValueError:

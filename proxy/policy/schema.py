@@ -55,6 +55,8 @@ def _allowed(declared: Declared, scope: Scope | None) -> bool:
 
 def _description(declared: Declared) -> str:
     default = declared.default_text
+    if declared.key.required:
+        return f"{declared.key.help} (required)"
     return f"{declared.key.help} (default: {default})" if default else declared.key.help
 
 
@@ -141,11 +143,9 @@ def _rows(
                 continue
             yield from _rows(kind.section, path + ".", kind.scope, seen)
             continue
-        required = " (required)" if key.required else ""
-        yield (
-            f"| `{path}` | {kind.name} | {declared.default_text}{required} | {_where(declared)} | "
-            f"{_bounds(declared)}{key.help} |"
-        )
+        default = "(required)" if key.required else declared.default_text
+        where, what = _where(declared), _bounds(declared) + key.help
+        yield f"| `{path}` | {kind.name} | {default} | {where} | {what} |"
 
 
 def _where(declared: Declared) -> str:
