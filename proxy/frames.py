@@ -12,7 +12,7 @@ import hashlib
 import os
 from enum import IntEnum
 
-from proxy.errors import CloseCode
+from proxy.errors import CloseCode, ProtocolError
 
 
 class Opcode(IntEnum):
@@ -34,14 +34,6 @@ CONTROL_OPCODES = frozenset({Opcode.CLOSE, Opcode.PING, Opcode.PONG})
 _WIRE_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
-class ProtocolError(Exception):
-    """A peer broke RFC 6455; the relay closes that peer with ``code`` and tells the other side."""
-
-    def __init__(self, message: str, code: int = CloseCode.PROTOCOL_ERROR) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def accept_key(client_key: str) -> str:

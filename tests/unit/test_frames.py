@@ -2,9 +2,9 @@
 
 import pytest
 
+from proxy.errors import ProtocolError
 from proxy.frames import (
     MaskSource,
-    ProtocolError,
     accept_key,
     apply_mask,
     close_payload,
