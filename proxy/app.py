@@ -19,7 +19,7 @@ from proxy import logs
 from proxy.accept import Acceptor, bind_sockets
 from proxy.admin import AdminServer, AdminState
 from proxy.errors import SHUTTING_DOWN, Rejection, RejectionTemplate, StartupError, UpstreamError
-from proxy.frames import accept_key
+from proxy.frames import MASK_IMPLEMENTATION, accept_key
 from proxy.handshake import Pipeline
 from proxy.limiter.memory import MemoryLimiter
 from proxy.listener import LINGER_SECONDS, HandshakeProtocol, http_response
@@ -120,6 +120,7 @@ class Gateway:
         self._acceptor = acceptor
         acceptor.start()
         self._prefetch_keys()
+        logs.event("gateway.mask", implementation=MASK_IMPLEMENTATION)
         logs.event(
             "gateway.listening",
             address=str(self.address),
