@@ -18,8 +18,8 @@ from typing import Any
 from proxy import logs
 from proxy.accept import Acceptor, bind_sockets
 from proxy.admin import AdminServer, AdminState
-from proxy.errors import CloseCode, Rejection, StartupError, UpstreamError
-from proxy.frames import accept_key
+from proxy.errors import SHUTTING_DOWN, Rejection, RejectionTemplate, StartupError, UpstreamError
+from proxy.frames import MASK_IMPLEMENTATION, accept_key
 from proxy.handshake import Pipeline
 from proxy.limiter.memory import MemoryLimiter
 from proxy.listener import LINGER_SECONDS, HandshakeProtocol, http_response
@@ -38,11 +38,11 @@ def _reason(error: OSError) -> str:
 
 
 #: The answer to a client arriving while ``limits.max_connections`` connections are held.
-OVERLOADED = Rejection(
+OVERLOADED = RejectionTemplate(
     503, "overloaded", "the gateway holds as many connections as it may; retry", (("Retry-After", "1"),)
 )
 #: The answer to a handshake the gateway's stop catches before its 101.
-DRAINING = Rejection(503, "draining", "the gateway is shutting down; retry", (("Retry-After", "1"),))
+DRAINING = RejectionTemplate(503, "draining", "the gateway is shutting down; retry", (("Retry-After", "1"),))
 #: Connections the kernel may queue on the client listener before wsgate accepts them.
 LISTEN_BACKLOG = 1024
 
@@ -120,6 +120,7 @@ class Gateway:
         self._acceptor = acceptor
         acceptor.start()
         self._prefetch_keys()
+        logs.event("gateway.mask", implementation=MASK_IMPLEMENTATION)
         logs.event(
             "gateway.listening",
             address=str(self.address),
@@ -178,10 +179,10 @@ class Gateway:
             connecting.cancel()  # in their TLS handshake: nothing can be said to them before it ends
         for handshake in list(self._handshakes):
             if handshake.task is None and not handshake.answered:
-                self._reject(handshake, DRAINING)
+                self._reject(handshake, DRAINING())
         live = len(self.sessions)
         logs.event("gateway.draining", sessions=live, drain_timeout_s=self.policy.limits.drain_timeout)
-        self.sessions.close_all(CloseCode.GOING_AWAY, "server shutting down")
+        self.sessions.close_all(SHUTTING_DOWN)
         try:
             drained = await self.sessions.wait_empty(self.policy.limits.drain_timeout)
             if not drained:
@@ -222,7 +223,7 @@ class Gateway:
             on_request=self._on_request,
             on_bad_request=self._reject,
             on_close=self._handshakes.discard,
-            refusal=OVERLOADED if self.connection_count >= limits.max_connections else None,
+            refusal=OVERLOADED() if self.connection_count >= limits.max_connections else None,
         )
         task = loop.create_task(self._connect(sock, protocol, limits.handshake_timeout))
         self._connecting[protocol] = task
@@ -323,7 +324,7 @@ class Gateway:
             upstream.transport.abort()
             await pipeline.release(admission.slots)
             if not connection.lost:
-                self._reject(connection, DRAINING, request, started)
+                self._reject(connection, DRAINING(), request, started)
             return
         headers: list[tuple[str, str]] = [
             ("Upgrade", "websocket"),

@@ -9,7 +9,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from proxy import __version__, logs
-from proxy.errors import PolicyError, StartupError
+from proxy.errors import ArgumentError, PolicyError, StartupError
 from proxy.policy.load import load_policy
 
 
@@ -92,10 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("path", metavar="PATH", help="request path (and query), e.g. /chat/room?x=1")
     return parser
-
-
-class ArgumentError(Exception):
-    """A command-line value that argparse accepts but that is not usable (an IP, a JSON object)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

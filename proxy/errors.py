@@ -1,17 +1,32 @@
-"""The errors users can see, and the WebSocket close codes wsgate sends.
+"""Every error wsgate raises, the WebSocket close codes it sends, and the closes it gives with a reason.
 
-One error type per failure a user can see:
+The errors form one tree; catching :class:`WsgateError` catches every error of the product and nothing
+else::
 
-* :class:`PolicyError` -- a policy file was refused (``wsgate check``, start-up, reload);
-* :class:`Rejection` -- a handshake was refused; becomes an HTTP status and a JSON body;
-* :class:`UpstreamError` -- the upstream could not be reached or did not accept the WebSocket (502).
+    WsgateError
+    ├── PolicyError         a policy file was refused (check, start-up, reload): file:line: key: message
+    ├── ArgumentError       a command-line value argparse accepts but that is not usable
+    ├── StartupError        the gateway could not start serving: exit 1
+    ├── Rejection           a handshake was refused: an HTTP status, a reason word and a JSON body
+    ├── UpstreamError       the upstream could not be reached or refused the WebSocket: 502
+    ├── ProxyHeaderError    the connection did not start with a valid PROXY header: 400
+    └── PeerError           one side of a session must be closed, with ``code`` and ``reason``
+        ├── ProtocolError   it broke RFC 6455: 1002 (1007 for a close reason that is not UTF-8)
+        ├── MessageTooBig   a message over max_message_bytes or max_fragments: 1009
+        └── RuleBroken      a message rule in "close" mode refused a message: the rule's code
+
+A close the gateway gives with a fixed reason is a :class:`Close` constant here (``TOKEN_EXPIRED``,
+``IDLE_TIMEOUT``...), so a code never travels apart from its reason.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from proxy.rules import Violation
 
 
 class CloseCode(IntEnum):
@@ -34,7 +49,43 @@ class CloseCode(IntEnum):
     TLS_HANDSHAKE = 1015
 
 
-class PolicyError(Exception):
+class Close(NamedTuple):
+    """A close frame's code and reason, as the gateway sends it to one side."""
+
+    #: A :class:`CloseCode` (a message rule's code travels as the plain int the frame core holds).
+    code: int
+    reason: str
+
+
+#: A session whose token's ``exp`` (plus leeway) passed.
+TOKEN_EXPIRED = Close(CloseCode.POLICY_VIOLATION, "token expired")
+#: A session that relayed no data message for ``idle_timeout``.
+IDLE_TIMEOUT = Close(CloseCode.GOING_AWAY, "idle timeout")
+#: A live session a reloaded policy refuses.
+POLICY_CHANGED = Close(CloseCode.POLICY_VIOLATION, "policy changed")
+#: Every live session when the gateway stops (SIGTERM, SIGINT).
+SHUTTING_DOWN = Close(CloseCode.GOING_AWAY, "server shutting down")
+#: A side that did not answer the gateway's ping within ``ping_timeout``.
+KEEPALIVE_TIMEOUT = Close(CloseCode.INTERNAL_ERROR, "keepalive timeout")
+#: A side whose bytes made the relay fail (a bug): it costs this session, never the process.
+INTERNAL_ERROR = Close(CloseCode.INTERNAL_ERROR, "internal error")
+#: The client, when the upstream's connection vanished without a close frame.
+UPSTREAM_LOST = Close(CloseCode.INTERNAL_ERROR, "upstream connection lost")
+#: The upstream, when the client's connection vanished without a close frame.
+CLIENT_WENT_AWAY = Close(CloseCode.GOING_AWAY, "client went away")
+#: What the session records for a side whose connection vanished without a close frame (never sent).
+CONNECTION_LOST = Close(CloseCode.ABNORMAL, "connection lost")
+#: The client, when the gateway closed the upstream for breaking the protocol.
+UPSTREAM_PROTOCOL_ERROR = Close(CloseCode.BAD_GATEWAY, "upstream protocol error")
+#: The upstream, when the gateway closed the client for breaking the protocol or a rule.
+CLIENT_CLOSED_BY_GATEWAY = Close(CloseCode.GOING_AWAY, "client closed by gateway")
+
+
+class WsgateError(Exception):
+    """The root of every error wsgate raises (the tree is drawn in this module's docstring)."""
+
+
+class PolicyError(WsgateError):
     """A policy file was refused.
 
     ``str(error)`` is the one line an operator needs: ``file:line: key.path: message``.
@@ -52,28 +103,104 @@ class PolicyError(Exception):
         return f"{where}: {self.key_path}: {self.message}" if self.key_path else f"{where}: {self.message}"
 
 
-@dataclass(frozen=True, slots=True)
-class Rejection(Exception):
+class ArgumentError(WsgateError):
+    """A command-line value that argparse accepts but that is not usable (an IP, a JSON object)."""
+
+
+class StartupError(WsgateError):
+    """The gateway could not start serving (an address in use, a permission denied); exit 1 with this."""
+
+
+class Rejection(WsgateError):
     """A handshake refused before any byte reached the upstream.
 
     ``reason`` is a short, stable, low-cardinality word (``no_route``, ``bad_request``...) used in the JSON
     body, the log line and metrics labels; ``detail`` is a human sentence for the body and the log.
+
+    Rejections compare by value (guards return them, tests compare them). A rejection the gateway gives
+    often is a :class:`RejectionTemplate` constant that makes a fresh one per use: a raised exception
+    collects a traceback and a context, which one instance shared by concurrent handshakes must not.
     """
 
-    status: int
-    reason: str
-    detail: str = ""
-    headers: tuple[tuple[str, str], ...] = field(default=())
+    def __init__(
+        self, status: int, reason: str, detail: str = "", headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        super().__init__(status, reason, detail, headers)
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+        self.headers = headers
 
     def __str__(self) -> str:
         return (
             f"{self.status} {self.reason}: {self.detail}" if self.detail else f"{self.status} {self.reason}"
         )
 
+    def __repr__(self) -> str:
+        return f"Rejection({self.status!r}, {self.reason!r}, {self.detail!r}, {self.headers!r})"
 
-class StartupError(Exception):
-    """The gateway could not start serving (an address in use, a permission denied); exit 1 with this."""
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Rejection):
+            return NotImplemented
+        return (self.status, self.reason, self.detail, self.headers) == (
+            other.status,
+            other.reason,
+            other.detail,
+            other.headers,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.status, self.reason, self.detail, self.headers))
 
 
-class UpstreamError(Exception):
+class RejectionTemplate(NamedTuple):
+    """A rejection the gateway gives often, as a constant: calling it makes a fresh :class:`Rejection`."""
+
+    status: int
+    reason: str
+    detail: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def __call__(self) -> Rejection:
+        return Rejection(self.status, self.reason, self.detail, self.headers)
+
+
+class UpstreamError(WsgateError):
     """The upstream could not be connected or refused the WebSocket upgrade; the client gets 502."""
+
+
+class ProxyHeaderError(WsgateError):
+    """The connection did not start with a valid PROXY header; the client gets 400."""
+
+
+class PeerError(WsgateError):
+    """One side of a session broke the protocol, a limit or a rule: it is closed with ``code`` and
+    ``reason`` (``str(error)``)."""
+
+    def __init__(self, reason: str, code: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+class ProtocolError(PeerError):
+    """A peer broke RFC 6455; the relay closes that peer with ``code`` and tells the other side."""
+
+    def __init__(self, reason: str, code: int = CloseCode.PROTOCOL_ERROR) -> None:
+        super().__init__(reason, code)
+
+
+class MessageTooBig(PeerError):
+    """A message over ``max_message_bytes`` (known from its frame headers) or in more than
+    ``max_fragments`` frames: 1009."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, CloseCode.MESSAGE_TOO_BIG)
+
+
+class RuleBroken(PeerError):
+    """A message rule in "close" mode refused a message; ``violation`` says which rule and how to close."""
+
+    def __init__(self, violation: Violation) -> None:
+        super().__init__(violation.reason, violation.code)
+        self.violation = violation

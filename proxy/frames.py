@@ -12,7 +12,7 @@ import hashlib
 import os
 from enum import IntEnum
 
-from proxy.errors import CloseCode
+from proxy.errors import CloseCode, ProtocolError
 
 
 class Opcode(IntEnum):
@@ -30,18 +30,10 @@ DATA_OPCODES = frozenset({Opcode.CONT, Opcode.TEXT, Opcode.BINARY})
 CONTROL_OPCODES = frozenset({Opcode.CLOSE, Opcode.PING, Opcode.PONG})
 
 #: Close codes a peer may put on the wire (RFC 6455 7.4.1, 7.4.2 and the IANA registry); 1005, 1006 and 1015
-#: are reserved for reporting and must never be sent.
-_WIRE_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+#: are reserved for reporting and must never be sent. (CloseCode members hash as their ints.)
+_WIRE_CLOSE_CODES = frozenset(CloseCode) - {CloseCode.NO_STATUS, CloseCode.ABNORMAL, CloseCode.TLS_HANDSHAKE}
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
-class ProtocolError(Exception):
-    """A peer broke RFC 6455; the relay closes that peer with ``code`` and tells the other side."""
-
-    def __init__(self, message: str, code: int = CloseCode.PROTOCOL_ERROR) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def accept_key(client_key: str) -> str:
@@ -73,34 +65,44 @@ def _apply_mask_bigint(data: bytes | bytearray | memoryview, mask: bytes) -> byt
 
 
 try:
-    # aiohttp (a dependency) ships RFC 6455 masking compiled with Cython: 4-35x faster than the big-integer
-    # XOR from 64 B to 64 KiB. It is not a public API, so the pure-Python way stays as the fallback.
     from aiohttp._websocket.mask import (  # type: ignore[import-not-found]
-        _websocket_mask_cython as _mask_in_place,
+        _websocket_mask_cython as _mask_cython,
     )
-except ImportError:  # pragma: no cover - aiohttp built without its extensions
-    _mask_in_place = None
+except ImportError:  # aiohttp built without its extensions (AIOHTTP_NO_EXTENSIONS), or not for this platform
+    _mask_cython = None
 
+#: Which masking runs: "aiohttp-cython" (aiohttp's compiled XOR, 4-35x faster than the big-integer XOR
+#: from 64 B to 64 KiB; aiohttp 3.11+, not a public API) or "python" (the big-integer XOR). The relay
+#: masks every client frame, so the gateway logs this at start and a test asserts the fast one.
+MASK_IMPLEMENTATION = "python" if _mask_cython is None else "aiohttp-cython"
 
-def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes | bytearray:
-    """XOR ``data`` with the 4-byte ``mask`` repeated; masking and unmasking are the same operation.
+# The choice is made here, once: apply_mask and mask_in_place are defined for the implementation in use,
+# so the hot path asks nothing per call.
+if _mask_cython is not None:
 
-    Returns a new buffer (``data`` is never changed). Written for speed: the hot path masks every
-    client frame.
-    """
-    if _mask_in_place is None:
+    def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes | bytearray:
+        """XOR ``data`` with the 4-byte ``mask`` repeated; masking and unmasking are the same operation.
+
+        Returns a new buffer (``data`` is never changed).
+        """
+        out = bytearray(data)
+        _mask_cython(mask, out)
+        return out
+
+    def mask_in_place(data: bytearray, mask: bytes) -> None:
+        """XOR ``data`` with the 4-byte ``mask`` repeated, in place (a buffer the caller owns and hands
+        on)."""
+        _mask_cython(mask, data)
+
+else:  # pragma: no cover - the tests run with aiohttp's extensions (and assert it)
+
+    def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes | bytearray:
+        """As above, with the big-integer XOR."""
         return _apply_mask_bigint(data, mask)
-    out = bytearray(data)
-    _mask_in_place(mask, out)
-    return out
 
-
-def mask_in_place(data: bytearray, mask: bytes) -> None:
-    """XOR ``data`` with the 4-byte ``mask`` repeated, in place (a buffer the caller owns and hands on)."""
-    if _mask_in_place is None:
+    def mask_in_place(data: bytearray, mask: bytes) -> None:
+        """As above, with the big-integer XOR."""
         data[:] = _apply_mask_bigint(data, mask)
-    else:
-        _mask_in_place(mask, data)
 
 
 class MaskSource:

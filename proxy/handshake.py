@@ -143,7 +143,7 @@ class Pipeline:
             raise Rejection(503, "draining", "the gateway is shutting down; retry", (("Retry-After", "1"),))
         client_ip, forwarded_for = resolve_client_ip(
             request.peer_ip,
-            [value for name, value in request.headers if name == "x-forwarded-for"],
+            request.header_values("x-forwarded-for"),
             policy.trusted_proxies,
         )
         request.client_ip = client_ip

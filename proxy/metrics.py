@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.metrics_core import (
@@ -22,6 +22,8 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+
+from proxy.rules import Rule
 
 if TYPE_CHECKING:
     from proxy.policy.model import Policy
@@ -83,7 +85,7 @@ class RouteCounters:
         #: Totals of finished sessions, by direction; live sessions are added at scrape time.
         self.messages = {FROM_CLIENT: 0, FROM_UPSTREAM: 0}
         self.bytes = {FROM_CLIENT: 0, FROM_UPSTREAM: 0}
-        self.violations: dict[str, int] = {}
+        self.violations: dict[Rule, int] = {}
         self.rejections: dict[str, int] = {}
         self.closes: dict[tuple[str, str], int] = {}
         self.handshake_seconds = Histogram(HANDSHAKE_BUCKETS)
@@ -91,7 +93,10 @@ class RouteCounters:
         self.session_seconds = Histogram(SESSION_BUCKETS)
 
 
-def _add(counts: dict[str, int], other: dict[str, int]) -> None:
+_Key = TypeVar("_Key")
+
+
+def _add(counts: dict[_Key, int], other: dict[_Key, int]) -> None:
     for key, value in other.items():
         counts[key] = counts.get(key, 0) + value
 
@@ -107,15 +112,15 @@ def close_code_label(code: int | None, initiator: str | None) -> str:
     return str(code)
 
 
-def session_violations(session: Session) -> dict[str, int]:
+def session_violations(session: Session) -> dict[Rule, int]:
     """Rule violations seen so far on a session, by rule, both directions together."""
-    found: dict[str, int] = {}
+    found: dict[Rule, int] = {}
     for leg in (session.client, session.upstream):
         checker = leg.checker
         if checker is not None:
             _add(found, checker.violations)
         if leg.oversized:
-            found["size"] = found.get("size", 0) + 1
+            found[Rule.SIZE] = found.get(Rule.SIZE, 0) + 1
     return found
 
 
@@ -278,7 +283,7 @@ class WsgateCollector(Collector):
         )
         for path, by_rule in sorted(violations.items()):
             for rule, count in sorted(by_rule.items()):
-                counter.add_metric([path, rule], count)
+                counter.add_metric([path, rule.value], count)
         yield counter
 
         counter = CounterMetricFamily("wsgate_policy_reloads", "Policy reload attempts.", labels=["result"])

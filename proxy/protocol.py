@@ -28,10 +28,9 @@ from __future__ import annotations
 from codecs import utf_8_decode
 from enum import IntFlag
 
-from proxy.errors import CloseCode
+from proxy.errors import MessageTooBig, PeerError, ProtocolError, RuleBroken
 from proxy.frames import (
     MaskSource,
-    ProtocolError,
     apply_mask,
     encode_frame,
     encode_header,
@@ -323,7 +322,7 @@ class FrameReader:
                         forward = False
                     elif checker is not None and (violation := checker.control(now)) is not None:
                         if not violation.drop:
-                            raise _Refused(violation)
+                            raise RuleBroken(violation)
                         checker.dropped += 1
                         forward = False
                     else:
@@ -345,22 +344,22 @@ class FrameReader:
                         raise ProtocolError("continuation frame outside a message")
                     self._fragments += 1
                     if self._fragments > self.max_fragments:
-                        raise _TooBig(f"message in more than {self.max_fragments} fragments")
+                        raise MessageTooBig(f"message in more than {self.max_fragments} fragments")
                     total = self._message_bytes + length
                     if total > self.max_message_bytes:
-                        raise _TooBig(f"message larger than {self.max_message_bytes} bytes")
+                        raise MessageTooBig(f"message larger than {self.max_message_bytes} bytes")
                     mode = self._message_mode
                     if checker is not None and mode != _SKIP:
                         violation = checker.more(length, now)
                         if violation is not None:
-                            raise _Refused(violation)
+                            raise RuleBroken(violation)
                 else:
                     if opcode > 2:
                         raise ProtocolError(f"unknown opcode {opcode}")
                     if self._in_message:
                         raise ProtocolError("new message before the previous one ended")
                     if length > self.max_message_bytes:
-                        raise _TooBig(f"message larger than {self.max_message_bytes} bytes")
+                        raise MessageTooBig(f"message larger than {self.max_message_bytes} bytes")
                     total = length
                     self._fragments = 1
                     self._message_opcode = opcode
@@ -369,7 +368,7 @@ class FrameReader:
                         violation = checker.start(opcode, length, now)
                         if violation is not None:
                             if not violation.drop:
-                                raise _Refused(violation)
+                                raise RuleBroken(violation)
                             checker.dropped += 1
                             mode = _SKIP
                         elif opcode == _TEXT:
@@ -390,7 +389,7 @@ class FrameReader:
                     if mode == _UTF8:
                         plain = self._plain(buf, pos + hlen, end, pos + hlen - 4, 0)
                         if not self._utf8_ok(plain, bool(fin)):
-                            raise _BadText()
+                            raise RuleBroken(self._invalid_utf8())
                         if masked:
                             new_key = MASKS.next()
                             _append_small(
@@ -425,24 +424,17 @@ class FrameReader:
                 if not ok or not self._frame_done(pieces):
                     self._read(buf, pos, now, pieces)
                     return
-        except (ProtocolError, _TooBig, _Refused, _BadText) as error:
+        except PeerError as error:
             if run >= 0:
                 pieces.append(buf[run:pos])
-            if isinstance(error, _TooBig):
+            if isinstance(error, MessageTooBig):
                 self.oversized = True
-                self._fail(CloseCode.MESSAGE_TOO_BIG, str(error))
-            elif isinstance(error, _Refused):
-                self._fail(error.violation.code, error.violation.reason)
-            elif isinstance(error, _BadText):
-                violation = self._invalid_utf8()
-                self._fail(violation.code, violation.reason)
-            else:
-                self._fail(error.code, str(error))
-                if opcode == _CLOSE:
-                    # A broken close frame is still the side's close: it will send no other.
-                    self.close_payload = b""
-                    self.events |= Events.CLOSE
-                    return
+            self._fail(error.code, error.reason)
+            if opcode == _CLOSE:
+                # A broken close frame (a ProtocolError) is still the side's close: it will send no other.
+                self.close_payload = b""
+                self.events |= Events.CLOSE
+                return
             # The offending frame's payload is skipped, then whatever follows it, until a close frame.
             self._remaining = length
             self._read(buf, pos + hlen, now, pieces)
@@ -505,7 +497,7 @@ class FrameReader:
             self.close_code, self.close_reason = parse_close(payload)
         except ProtocolError as error:
             if not self.discarding:
-                self._fail(error.code, str(error))
+                self._fail(error.code, error.reason)
             self.close_code, self.close_reason = None, ""
             payload = b""
         self.close_payload = payload
@@ -616,19 +608,3 @@ def _append_small(pieces: list[bytes | bytearray], head: bytes, payload: bytes |
     joined = bytearray(head)
     joined += payload
     pieces.append(joined)
-
-
-class _TooBig(Exception):
-    """Inside receive_data only: the message is over max_message_bytes or max_fragments (1009)."""
-
-
-class _BadText(Exception):
-    """Inside receive_data only: a whole text frame is not UTF-8."""
-
-
-class _Refused(Exception):
-    """Inside receive_data only: a rule in "close" mode refused a frame."""
-
-    def __init__(self, violation: Violation) -> None:
-        super().__init__(violation.reason)
-        self.violation = violation

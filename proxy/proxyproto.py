@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 
+from proxy.errors import ProxyHeaderError
+
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 _V1_MAX = 107
-
-
-class ProxyHeaderError(ValueError):
-    """The connection did not start with a valid PROXY header."""
 
 
 def parse_proxy_header(data: bytes) -> tuple[str | None, int] | None:

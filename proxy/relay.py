@@ -32,7 +32,17 @@ import termios
 import time
 
 from proxy import logs
-from proxy.errors import CloseCode
+from proxy.errors import (
+    CLIENT_CLOSED_BY_GATEWAY,
+    CLIENT_WENT_AWAY,
+    CONNECTION_LOST,
+    INTERNAL_ERROR,
+    KEEPALIVE_TIMEOUT,
+    UPSTREAM_LOST,
+    UPSTREAM_PROTOCOL_ERROR,
+    Close,
+    CloseCode,
+)
 from proxy.frames import close_payload
 from proxy.policy.model import Limits, MessageRate, MessageRules
 from proxy.protocol import Events, FrameReader
@@ -136,7 +146,7 @@ class Leg(asyncio.Protocol):
         except Exception:  # noqa: BLE001 - a bug must cost this session, never the process
             fields = {"request_id": self.session.request_id, "side": self.name}
             logs.LOGGER.exception("relay.error", extra={"fields": fields})
-            self.fail(CloseCode.INTERNAL_ERROR, "internal error")
+            self.fail(INTERNAL_ERROR)
             return
         peer = self.peer
         if pieces and not peer.lost:
@@ -167,7 +177,7 @@ class Leg(asyncio.Protocol):
         events = reader.events
         if events:
             if events & Events.FAIL:
-                self.fail(reader.fail_code, reader.fail_reason)
+                self.fail(Close(reader.fail_code, reader.fail_reason))
             if events & Events.CLOSE:
                 self._close_received()
 
@@ -215,13 +225,13 @@ class Leg(asyncio.Protocol):
         peer.reader.discard()
         if not peer.lost and not peer.close_sent:
             if self.close_received:
-                peer_code, peer_reason = CloseCode.GOING_AWAY, f"{self.name} closed"
+                told = Close(CloseCode.GOING_AWAY, f"{self.name} closed")
             elif self.name == "upstream":
-                peer_code, peer_reason = CloseCode.INTERNAL_ERROR, "upstream connection lost"
+                told = UPSTREAM_LOST
             else:
-                peer_code, peer_reason = CloseCode.GOING_AWAY, "client went away"
-            self.session.note_close(self.name, CloseCode.ABNORMAL, "connection lost")
-            peer.send_close(peer_code, peer_reason)
+                told = CLIENT_WENT_AWAY
+            self.session.note_close(self.name, CONNECTION_LOST.code, CONNECTION_LOST.reason)
+            peer.send_close(told)
         self.session.leg_lost()
 
     # -- keepalive ----------------------------------------------------------------------------------
@@ -289,11 +299,11 @@ class Leg(asyncio.Protocol):
     def _keepalive_timeout(self) -> None:
         """No answer to a ping: the peer is gone. Say so (it will likely never read it) and cut the socket;
         the other side gets a going-away."""
-        self.session.note_close("gateway", CloseCode.INTERNAL_ERROR, "keepalive timeout")
+        self.session.note_close("gateway", KEEPALIVE_TIMEOUT.code, KEEPALIVE_TIMEOUT.reason)
         stuck = self._queued()
         self.reader.discard()
-        self.send_close(CloseCode.INTERNAL_ERROR, "keepalive timeout")
-        self.peer.send_close(CloseCode.GOING_AWAY, f"{self.name} did not answer a ping")
+        self.send_close(KEEPALIVE_TIMEOUT)
+        self.peer.send_close(Close(CloseCode.GOING_AWAY, f"{self.name} did not answer a ping"))
         sock = self.transport.get_extra_info("socket")
         if stuck and sock is not None:
             # Data the peer never took would keep the kernel retransmitting to it for minutes after the
@@ -319,9 +329,9 @@ class Leg(asyncio.Protocol):
             # No reply will come from the other side: answer this side with its own code.
             self._send_close_payload(payload)
 
-    def send_close(self, code: int, reason: str) -> None:
+    def send_close(self, verdict: Close) -> None:
         """Send a close frame to this side (once), then wait ``close_timeout`` for its reply."""
-        self._send_close_payload(close_payload(code, reason))
+        self._send_close_payload(close_payload(verdict.code, verdict.reason))
 
     def _send_close_payload(self, payload: builtins.bytes | bytearray) -> None:
         if self.close_sent or self.lost:
@@ -343,28 +353,28 @@ class Leg(asyncio.Protocol):
         timeout = self.session.route.limits.close_timeout
         self._close_timer = self.session.loop.call_later(timeout, self._shutdown, True)
 
-    def fail(self, code: int, reason: str) -> None:
+    def fail(self, verdict: Close) -> None:
         """This side broke the protocol, a limit or a rule: from now on what it sends is discarded; the
-        other side gets a going-away (1014 when the upstream broke), and this side gets ``code`` once the
+        other side gets a going-away (1014 when the upstream broke), and this side gets ``verdict`` once the
         other side's close handshake is done (or ``close_timeout`` passed): what the other side had already
         sent, the answers to this side's earlier messages, still reaches it first, as it would without a
         gateway in between. This side is then read until its close frame (a lingering close)."""
-        self.session.note_close("gateway", code, reason)
+        self.session.note_close("gateway", verdict.code, verdict.reason)
         self.reader.discard()
         if self.close_sent:
             return  # already closed by the other side's close: it is read until its answer, as it was
-        self._failure = close_payload(code, reason)
+        self._failure = close_payload(verdict.code, verdict.reason)
         self._read_again()
         peer = self.peer
         if peer.lost or peer.close_sent:
             self._send_close_payload(self._failure)
             return
-        if code == CloseCode.MESSAGE_TOO_BIG:
-            peer.send_close(CloseCode.GOING_AWAY, f"{self.name} sent a message over the size limit")
+        if verdict.code == CloseCode.MESSAGE_TOO_BIG:
+            peer.send_close(Close(CloseCode.GOING_AWAY, f"{self.name} sent a message over the size limit"))
         elif self.name == "upstream":
-            peer.send_close(CloseCode.BAD_GATEWAY, "upstream protocol error")
+            peer.send_close(UPSTREAM_PROTOCOL_ERROR)
         else:
-            peer.send_close(CloseCode.GOING_AWAY, "client closed by gateway")
+            peer.send_close(CLIENT_CLOSED_BY_GATEWAY)
         # A service that reads nothing (a pure broadcaster) answers no close: the offender waits at most this.
         grace = min(self.session.route.limits.close_timeout, ANSWER_GRACE)
         self._close_timer = self.session.loop.call_later(grace, self._send_close_payload, self._failure)

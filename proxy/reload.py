@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from proxy import logs
-from proxy.errors import PolicyError
+from proxy.errors import POLICY_CHANGED, PolicyError
 from proxy.guards.firewall import firewall_allows
 from proxy.guards.origin import origin_refusal
 from proxy.guards.token import claims_allowed, is_revoked
@@ -24,9 +24,6 @@ from proxy.metrics import Metrics
 from proxy.policy.load import load_policy
 from proxy.policy.model import Policy
 from proxy.sessions import Session
-
-#: The close code and reason for a live session the new policy refuses.
-POLICY_CHANGED = (1008, "policy changed")
 
 
 def refusal_for(session: Session, policy: Policy) -> str | None:
@@ -74,8 +71,7 @@ def enforce(sessions: Iterable[Session], policy: Policy) -> int:
             route=session.route.path,
             why=why,
         )
-        code, reason = POLICY_CHANGED
-        session.close(code, reason, code, reason)
+        session.close(POLICY_CHANGED)
         closed += 1
     return closed
 

@@ -6,6 +6,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from proxy.headers import header_list, header_value, header_values
+
 
 @dataclass(slots=True)
 class HandshakeRequest:
@@ -53,17 +55,12 @@ class HandshakeRequest:
 
     def header(self, name: str) -> str | None:
         """The first value of a header, or None."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        return header_value(self.headers, name)
+
+    def header_values(self, name: str) -> list[str]:
+        """Every value of a header, in order."""
+        return header_values(self.headers, name)
 
     def header_tokens(self, name: str) -> list[str]:
         """The comma-separated tokens of every occurrence of a header, stripped and lower case."""
-        return [
-            token.strip().lower()
-            for key, value in self.headers
-            if key == name
-            for token in value.split(",")
-            if token.strip()
-        ]
+        return [token.lower() for token in header_list(self.headers, name)]

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 
 import h11
 
-from proxy.errors import Rejection
-from proxy.proxyproto import ProxyHeaderError, parse_proxy_header
+from proxy.errors import ProxyHeaderError, Rejection, RejectionTemplate
+from proxy.proxyproto import parse_proxy_header
 
 #: The longest PROXY header: v2's 16-byte preamble and a 16-bit length of addresses and TLVs.
 MAX_PROXY_HEADER_BYTES = 16 + 0xFFFF
 
-TOO_LARGE = Rejection(431, "bad_request", "request headers too large")
-HAS_BODY = Rejection(400, "bad_request", "a WebSocket handshake has no body")
+TOO_LARGE = RejectionTemplate(431, "bad_request", "request headers too large")
+HAS_BODY = RejectionTemplate(400, "bad_request", "a WebSocket handshake has no body")
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,14 +118,14 @@ class RequestReader:
                 return Rejection(400, "bad_request", "malformed HTTP request")
             rest = self._parser.trailing_data[0]
             if self._fed - len(rest) > self.max_header_bytes:
-                return TOO_LARGE
+                return TOO_LARGE()
             if _announces_body(event):
-                return HAS_BODY
+                return HAS_BODY()
             if not isinstance(self._parser.next_event(), h11.EndOfMessage):  # h11: no body means this
-                return HAS_BODY
+                return HAS_BODY()
         except h11.RemoteProtocolError as error:
             if error.error_status_hint == 431:
-                return TOO_LARGE
+                return TOO_LARGE()
             return Rejection(400, "bad_request", f"malformed HTTP request: {error}")
         return RequestHead(
             method=event.method.decode("ascii"),

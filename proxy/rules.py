@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from enum import StrEnum
 from functools import lru_cache
 from typing import Any
 
@@ -37,20 +38,38 @@ def compile_schema(schema: dict[str, object]) -> Callable[[Any], Any]:
     return _compiled(json.dumps(schema, sort_keys=True))
 
 
+class Rule(StrEnum):
+    """The per-message rules a message can break; each value is the ``rule`` label of
+    ``wsgate_message_violations`` (a string users scrape: never rename one)."""
+
+    #: A text or binary message where the route allows only the other type (1003).
+    TYPE = "type"
+    #: Over the message or byte rate (1008, or the message dropped).
+    RATE = "rate"
+    #: Over ``max_message_bytes`` or ``max_fragments`` (1009): found by the frame core, not a checker.
+    SIZE = "size"
+    #: Text that is not UTF-8 (1007).
+    UTF8 = "utf8"
+    #: Text that is not JSON where the route wants JSON (1007).
+    JSON = "json"
+    #: A JSON document the route's schema refuses (1008).
+    SCHEMA = "schema"
+
+
 class Violation:
-    """A broken rule: the close code and reason the offender gets, and whether the message is dropped
-    (and the session kept) instead."""
+    """A broken rule: which one, the close code and reason the offender gets, and whether the message is
+    dropped (and the session kept) instead."""
 
     __slots__ = ("code", "drop", "reason", "rule")
 
-    def __init__(self, rule: str, code: int, reason: str, drop: bool) -> None:
+    def __init__(self, rule: Rule, code: int, reason: str, drop: bool) -> None:
         self.rule = rule
         self.code = code
         self.reason = reason[:123]
         self.drop = drop
 
     def __repr__(self) -> str:
-        return f"Violation({self.rule!r}, {self.code}, {self.reason!r}, drop={self.drop})"
+        return f"Violation({self.rule.value!r}, {self.code}, {self.reason!r}, drop={self.drop})"
 
 
 class MessageChecker:
@@ -100,17 +119,17 @@ class MessageChecker:
         self._byte_tokens = float(rate.byte_burst)
         self.rate_drop = rate.on_limit == "drop"
         self._last = now
-        self._rate = Violation("rate", CloseCode.POLICY_VIOLATION, "rate limit exceeded", self.rate_drop)
+        self._rate = Violation(Rule.RATE, CloseCode.POLICY_VIOLATION, "rate limit exceeded", self.rate_drop)
         self._text_refused = Violation(
-            "type", CloseCode.UNSUPPORTED_DATA, "text messages not allowed", self.drop
+            Rule.TYPE, CloseCode.UNSUPPORTED_DATA, "text messages not allowed", self.drop
         )
         self._binary_refused = Violation(
-            "type", CloseCode.UNSUPPORTED_DATA, "binary messages not allowed", self.drop
+            Rule.TYPE, CloseCode.UNSUPPORTED_DATA, "binary messages not allowed", self.drop
         )
-        #: Messages (and control frames) dropped, and violations seen by rule name: what metrics and the
-        #: close log report.
+        #: Messages (and control frames) dropped, and violations seen by rule: what metrics and the close
+        #: log report.
         self.dropped = 0
-        self.violations: dict[str, int] = {}
+        self.violations: dict[Rule, int] = {}
 
     # -- at frame headers ------------------------------------------------------------------------
 
@@ -149,23 +168,23 @@ class MessageChecker:
             try:
                 document = json.loads(text)
             except (ValueError, RecursionError):
-                return self._new("json", CloseCode.INVALID_DATA, "text message is not valid JSON")
+                return self._new(Rule.JSON, CloseCode.INVALID_DATA, "text message is not valid JSON")
             if self._schema is not None:
                 try:
                     self._schema(document)
                 except fastjsonschema.JsonSchemaException as error:
                     return self._new(
-                        "schema", CloseCode.POLICY_VIOLATION, f"message does not match the schema: {error}"
+                        Rule.SCHEMA, CloseCode.POLICY_VIOLATION, f"message does not match the schema: {error}"
                     )
                 except RecursionError:
                     return self._new(
-                        "schema", CloseCode.POLICY_VIOLATION, "message nested too deeply to check"
+                        Rule.SCHEMA, CloseCode.POLICY_VIOLATION, "message nested too deeply to check"
                     )
         return None
 
     def invalid_utf8(self) -> Violation:
         """The violation for text that is not UTF-8 (found whole, or as its fragments passed)."""
-        return self._new("utf8", CloseCode.INVALID_DATA, "text message is not valid UTF-8")
+        return self._new(Rule.UTF8, CloseCode.INVALID_DATA, "text message is not valid UTF-8")
 
     # -- buckets ---------------------------------------------------------------------------------
 
@@ -193,5 +212,5 @@ class MessageChecker:
         self.violations[violation.rule] = self.violations.get(violation.rule, 0) + 1
         return violation
 
-    def _new(self, rule: str, code: int, reason: str) -> Violation:
+    def _new(self, rule: Rule, code: int, reason: str) -> Violation:
         return self._count(Violation(rule, code, reason, self.drop))

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from proxy.errors import IDLE_TIMEOUT, TOKEN_EXPIRED, Close
 from proxy.guards.context import Identity
 from proxy.policy.model import Route
 
@@ -94,7 +95,7 @@ class Session:
 
     def _token_expired(self) -> None:
         self._expiry_handle = None
-        self.close(1008, "token expired", 1008, "token expired")
+        self.close(TOKEN_EXPIRED)
 
     def _check_idle(self) -> None:
         # One timer per session, re-armed for the remaining time, instead of a reset per frame. Only data
@@ -106,7 +107,7 @@ class Session:
             self._idle_handle = self.loop.call_later(remaining, self._check_idle)
             return
         self._idle_handle = None
-        self.close(1001, "idle timeout")
+        self.close(IDLE_TIMEOUT)
 
     def note_close(self, initiator: str, code: int | None, reason: str) -> None:
         """Record who ended the session and how; only the first call counts."""
@@ -115,15 +116,13 @@ class Session:
             self.close_code = code
             self.close_reason = reason
 
-    def close(
-        self, client_code: int, client_reason: str, upstream_code: int = 1001, upstream_reason: str = ""
-    ) -> None:
-        """Close the session from the gateway: each side gets its own close frame."""
+    def close(self, verdict: Close) -> None:
+        """Close the session from the gateway: both sides get a close frame with ``verdict``."""
         if self.finished:
             return
-        self.note_close("gateway", client_code, client_reason)
-        self.client.send_close(client_code, client_reason)
-        self.upstream.send_close(upstream_code, upstream_reason or client_reason)
+        self.note_close("gateway", verdict.code, verdict.reason)
+        self.client.send_close(verdict)
+        self.upstream.send_close(verdict)
 
     def leg_lost(self) -> None:
         """Called by a leg whose connection is gone; the session ends when both are."""
@@ -167,10 +166,10 @@ class SessionRegistry:
         if not self._sessions:
             self._empty.set()
 
-    def close_all(self, code: int, reason: str) -> None:
-        """Send ``code``/``reason`` to both sides of every live session."""
+    def close_all(self, verdict: Close) -> None:
+        """Send ``verdict`` to both sides of every live session."""
         for session in list(self._sessions):
-            session.close(code, reason, code, reason)
+            session.close(verdict)
 
     async def wait_empty(self, timeout: float) -> bool:
         """Wait until no session is left; False when ``timeout`` ran out first."""

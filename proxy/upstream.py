@@ -21,6 +21,7 @@ import h11
 from proxy.errors import UpstreamError
 from proxy.frames import accept_key, new_client_key
 from proxy.handshake import Admission, HandshakeRequest
+from proxy.headers import header_value, subprotocol_list, without_cookie
 from proxy.policy.model import AuthProvider, Route, Upstream
 
 #: Hop-by-hop headers (RFC 9110 7.6.1) and the handshake's own headers: never copied from one hop to the next.
@@ -71,11 +72,6 @@ class UpstreamConnection:
     pending: bytes
 
 
-def _without_token_cookie(value: str, cookie_name: str) -> str:
-    kept = [part for part in value.split(";") if part.strip().partition("=")[0].strip() != cookie_name]
-    return ";".join(kept).strip()
-
-
 def _header_value(value: object) -> str:
     """A claim as a header value: JSON for non-strings, control characters removed, and UTF-8 on the
     wire (returned as latin-1 text, the form every header value takes until it is written)."""
@@ -94,14 +90,9 @@ def upstream_query(request: HandshakeRequest, provider: AuthProvider | None) -> 
 
 
 def offered_subprotocols(request: HandshakeRequest, provider: AuthProvider | None) -> list[str]:
-    """The subprotocols the client offered, less a ``bearer.<token>`` entry carrying its token."""
-    offered = [
-        token.strip()
-        for name, value in request.headers
-        if name == "sec-websocket-protocol"
-        for token in value.split(",")
-        if token.strip()
-    ]
+    """The subprotocols the client offered, less a ``bearer.<token>`` entry carrying its token (split as
+    the token guard splits them)."""
+    offered = subprotocol_list(request.headers)
     if provider is not None and "subprotocol" in provider.token_sources:
         offered = [entry for entry in offered if not entry.startswith(provider.subprotocol_prefix)]
     return offered
@@ -138,7 +129,7 @@ def upstream_request_headers(
             if name == "authorization":
                 continue
             if name == "cookie" and "cookie" in provider.token_sources:
-                value = _without_token_cookie(value, provider.cookie_name)
+                value = without_cookie(value, provider.cookie_name)
                 if not value:
                     continue
         headers.append((name, value))
@@ -218,13 +209,6 @@ class UpstreamHandshake(asyncio.Protocol):
             self.done.set_exception(UpstreamError(message))
 
 
-def _header(headers: list[tuple[str, str]], name: str) -> str | None:
-    for key, value in headers:
-        if key == name:
-            return value
-    return None
-
-
 _SKIP_IN_101 = _NOT_FORWARDED | {"date", "server"}
 
 
@@ -232,13 +216,13 @@ def _check_101(
     headers: list[tuple[str, str]], key: str, offered: list[str]
 ) -> tuple[str | None, list[tuple[str, str]]]:
     """Validate the upstream's 101 (RFC 6455 4.1); return its subprotocol and the headers to pass on."""
-    if (_header(headers, "upgrade") or "").lower() != "websocket":
+    if (header_value(headers, "upgrade") or "").lower() != "websocket":
         raise UpstreamError("upstream's 101 lacks 'Upgrade: websocket'")
-    if _header(headers, "sec-websocket-accept") != accept_key(key):
+    if header_value(headers, "sec-websocket-accept") != accept_key(key):
         raise UpstreamError("upstream Sec-WebSocket-Accept does not match the key sent")
-    if _header(headers, "sec-websocket-extensions"):
+    if header_value(headers, "sec-websocket-extensions"):
         raise UpstreamError("upstream negotiated an extension the gateway did not offer")
-    subprotocol = _header(headers, "sec-websocket-protocol")
+    subprotocol = header_value(headers, "sec-websocket-protocol")
     if subprotocol is not None and subprotocol not in offered:
         raise UpstreamError(f"upstream chose subprotocol {subprotocol!r}, which the client did not offer")
     passed = [(name, value) for name, value in headers if name not in _SKIP_IN_101]

@@ -17,13 +17,7 @@ import aiohttp
 import jwt
 
 from proxy import logs
-
-#: Which algorithm families a JWK key type may verify: the key decides, never the token.
-KEY_TYPE_ALGORITHMS: dict[str, tuple[str, ...]] = {
-    "RSA": ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"),
-    "EC": ("ES256", "ES384", "ES512", "ES256K"),
-    "OKP": ("EdDSA",),
-}
+from proxy.algorithms import KEY_TYPE_ALGORITHMS
 
 
 class JwksKeys:

@@ -21,6 +21,7 @@ import jwt
 from proxy.errors import Rejection
 from proxy.guards.context import HandshakeContext, Identity
 from proxy.guards.jwks import JwksKeys
+from proxy.headers import cookie_value, subprotocol_list
 from proxy.policy.model import AuthProvider, ClaimRule, Revocation
 from proxy.request import HandshakeRequest
 
@@ -52,48 +53,17 @@ def find_token(request: HandshakeRequest, provider: AuthProvider) -> tuple[str, 
                     token = value
                     break
         elif source == "cookie":
-            token = _cookie(request, provider.cookie_name)
+            # The upstream request drops this cookie by the same split (headers.without_cookie).
+            token = cookie_value(request.headers, provider.cookie_name)
         elif source == "subprotocol":
+            # The upstream is offered the same list without every entry with the prefix.
             prefix = provider.subprotocol_prefix
-            for name, value in request.headers:
-                if name != "sec-websocket-protocol":
-                    continue
-                for entry in value.split(","):
-                    if entry.strip().startswith(prefix):
-                        token = entry.strip()[len(prefix) :]
-                        break
-                if token:
-                    break
+            entry = next(
+                (entry for entry in subprotocol_list(request.headers) if entry.startswith(prefix)), ""
+            )
+            token = entry[len(prefix) :]
         if token:
             return token, source
-    return None
-
-
-def cookie_pairs(value: str) -> list[tuple[str, str]]:
-    """``name=value`` pairs of a Cookie header, split on ``;`` only (RFC 6265 section 5.4).
-
-    The upstream request drops the token cookie by the same split, so a cookie is accepted as a token
-    exactly when it would be removed before forwarding; lenient parsers that also split on spaces or
-    commas would find tokens the stripping does not see.
-    """
-    pairs = []
-    for part in value.split(";"):
-        name, separator, cookie_value = part.partition("=")
-        if separator:
-            cookie_value = cookie_value.strip()
-            if len(cookie_value) >= 2 and cookie_value[0] == cookie_value[-1] == '"':
-                cookie_value = cookie_value[1:-1]
-            pairs.append((name.strip(), cookie_value))
-    return pairs
-
-
-def _cookie(request: HandshakeRequest, name: str) -> str | None:
-    for header, value in request.headers:
-        if header != "cookie":
-            continue
-        for cookie_name, cookie_value in cookie_pairs(value):
-            if cookie_name == name and cookie_value:
-                return cookie_value
     return None
 
 

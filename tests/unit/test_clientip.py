@@ -5,7 +5,8 @@ from ipaddress import ip_network
 import pytest
 
 from proxy.clientip import normalize_ip, resolve_client_ip
-from proxy.proxyproto import ProxyHeaderError, parse_proxy_header
+from proxy.errors import ProxyHeaderError
+from proxy.proxyproto import parse_proxy_header
 
 TRUSTED = (ip_network("10.0.0.0/8"), ip_network("fd00::/8"))
 
