@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import fastjsonschema
 import yaml
 
+from proxy.algorithms import ALGORITHMS
 from proxy.policy.declare import Kind, Scope
 from proxy.policy.nodes import Section, Source, items, scalar, scalar_or_none
 from proxy.policy.units import (
@@ -35,14 +36,6 @@ from proxy.policy.values import Address, ClaimRule, FirewallRule, IPNetwork, Ori
 
 T = TypeVar("T")
 
-HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
-#: Which algorithms a public key of each family verifies: the key decides, never the token.
-KEY_FAMILIES: dict[str, tuple[str, ...]] = {
-    "RSA": ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"),
-    "EC": ("ES256", "ES384", "ES512", "ES256K"),
-    "OKP": ("EdDSA",),
-}
-ALGORITHMS = HMAC_ALGORITHMS + tuple(alg for family in KEY_FAMILIES.values() for alg in family)
 TOKEN_SOURCES = ("header", "query", "cookie", "subprotocol")
 HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 #: Headers a claim may not be written into: the handshake's own, the token's, and those the gateway sets.
@@ -396,8 +389,8 @@ ALGORITHM_LIST = Kind(
     read_algorithms,
     {
         "anyOf": [
-            {"enum": list(ALGORITHMS)},
-            {"type": "array", "items": {"enum": list(ALGORITHMS)}, "minItems": 1},
+            {"enum": sorted(ALGORITHMS)},
+            {"type": "array", "items": {"enum": sorted(ALGORITHMS)}, "minItems": 1},
         ]
     },
 )

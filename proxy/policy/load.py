@@ -25,9 +25,9 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from proxy.algorithms import HMAC_ALGORITHMS, KEY_TYPE_ALGORITHMS
 from proxy.errors import PolicyError
 from proxy.policy.declare import Declared, Kind, Scope, declarations
-from proxy.policy.kinds import HMAC_ALGORITHMS, KEY_FAMILIES
 from proxy.policy.model import (
     Address,
     AuthProvider,
@@ -292,7 +292,7 @@ def _check_public_key(section: Section, pem: bytes, algorithms: tuple[str, ...])
         family = "OKP"
     else:
         section.fail("public_key_file", "unsupported public key type")
-    wrong = [alg for alg in algorithms if alg not in KEY_FAMILIES[family]]
+    wrong = [alg for alg in algorithms if alg not in KEY_TYPE_ALGORITHMS[family]]
     if wrong:
         section.fail("public_key_file", f"a {family} key cannot verify {', '.join(wrong)}")
 
