@@ -10,6 +10,7 @@ import textwrap
 
 from aiohttp import WSMsgType, web
 
+from proxy.errors import CloseCode
 from proxy.policy.load import parse_policy
 
 DEMO_POLICY = """\
@@ -33,7 +34,7 @@ async def echo_handler(request: web.Request) -> web.WebSocketResponse:
     async for message in ws:
         if message.type == WSMsgType.TEXT:
             if message.data.startswith("close:"):
-                await ws.close(code=int(message.data[6:] or 1000), message=b"bye")
+                await ws.close(code=int(message.data[6:] or CloseCode.NORMAL), message=b"bye")
                 break
             await ws.send_str(message.data)
         elif message.type == WSMsgType.BINARY:
