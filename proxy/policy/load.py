@@ -511,10 +511,13 @@ def _route(
             )
         upstream = replace(upstream, ca_file=ca_file, insecure_skip_verify=insecure)
     route_limits = limits
+    own_limits: frozenset[str] = frozenset()
     if "limits" in section:
         route_limits = _limits(
             source, section.node_of("limits"), section.child("limits"), limits, ROUTE_LIMIT_KEYS
         )
+        read = _Map(source, section.node_of("limits"), section.child("limits"), tuple(ROUTE_LIMIT_KEYS))
+        own_limits = frozenset(LIMIT_KEYS[key] for key in read.items)
     client_rules = MessageRules(max_message_bytes=route_limits.max_message_bytes)
     upstream_rules: MessageRules | None = None
     if "messages" in section:
@@ -546,6 +549,7 @@ def _route(
         upstream=upstream,
         auth=None if auth == "none" else auth,
         limits=route_limits,
+        own_limits=own_limits,
         client_rules=client_rules,
         upstream_rules=upstream_rules,
         message_rate=rate,

@@ -133,6 +133,9 @@ ROUTE_LIMIT_KEYS: frozenset[str] = frozenset(
         "ping_timeout",
         "upstream_connect_timeout",
         "close_timeout",
+        "handshakes_per_ip",
+        "handshake_burst",
+        "connections_per_ip",
         "connections_per_subject",
         "messages_per_connection",
         "message_burst",
@@ -171,6 +174,9 @@ class Route:
     #: Name of the auth provider, or None for ``auth: none`` (open route).
     auth: str | None
     limits: Limits
+    #: Names of the :class:`Limits` fields the route's own ``limits`` section set. A per-handshake rate or
+    #: cap listed here is the route's own bucket, on top of the policy-wide one.
+    own_limits: frozenset[str] = frozenset()
     #: Message rules per direction (None: frame syntax and ``max_message_size`` only), client message rate.
     client_rules: MessageRules | None = None
     upstream_rules: MessageRules | None = None
