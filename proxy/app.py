@@ -20,6 +20,7 @@ from proxy.accept import Acceptor, bind_sockets
 from proxy.admin import AdminServer, AdminState
 from proxy.errors import CloseCode, Rejection, StartupError, UpstreamError
 from proxy.frames import accept_key
+from proxy.guards.slots import LimiterSlots
 from proxy.handshake import Pipeline
 from proxy.limiter.memory import MemoryLimiter
 from proxy.listener import LINGER_SECONDS, HandshakeProtocol, http_response
@@ -293,35 +294,41 @@ class Gateway:
     async def _handshake(self, connection: HandshakeProtocol, request: HandshakeRequest) -> None:
         pipeline = self.pipeline
         started = time.monotonic()
+        slots = LimiterSlots(pipeline.limiter)
         try:
-            admission = await pipeline.admit(request, self.draining)
+            admission = await pipeline.admit(request, slots, self.draining)
         except Rejection as rejection:
+            await slots.release()
             self._reject(connection, rejection, request, started)
             return
         except Exception:  # noqa: BLE001 - logged with its traceback, answered with 500
             # A bug must cost one handshake, never the process: log it and answer 500.
+            await slots.release()
             logs.LOGGER.exception("handshake.error", extra={"fields": {"request_id": request.request_id}})
             self._reject(connection, Rejection(500, "internal_error", "internal error"), request, started)
             return
+        except BaseException:
+            await slots.release()
+            raise
         connect_started = time.monotonic()
         try:
             upstream = await connect_upstream(request, admission)
         except UpstreamError as error:
-            await pipeline.release(admission.slots)
+            await slots.release()
             self._reject(connection, Rejection(502, "upstream_unavailable", str(error)), request, started)
             return
         except asyncio.CancelledError:
-            await pipeline.release(admission.slots)
+            await slots.release()
             raise
         except Exception:  # noqa: BLE001 - logged with its traceback, answered with 500
-            await pipeline.release(admission.slots)
+            await slots.release()
             logs.LOGGER.exception("handshake.error", extra={"fields": {"request_id": request.request_id}})
             self._reject(connection, Rejection(500, "internal_error", "internal error"), request, started)
             return
         self.metrics.upstream_connected(admission.route.path, time.monotonic() - connect_started)
         if connection.lost or self.draining:
             upstream.transport.abort()
-            await pipeline.release(admission.slots)
+            await slots.release()
             if not connection.lost:
                 self._reject(connection, DRAINING, request, started)
             return
@@ -345,7 +352,7 @@ class Gateway:
             upstream.subprotocol,
             self._session_finished,
             admission.identity,
-            admission.slots,
+            slots,
             request.path,
             request.header("origin"),
         )
@@ -383,8 +390,8 @@ class Gateway:
     def _session_finished(self, session: Session) -> None:
         self.sessions.remove(session)
         self.metrics.session_closed(session)
-        if session.slots:
-            self.track(asyncio.get_running_loop().create_task(self.pipeline.release(session.slots)))
+        if session.slots is not None and session.slots.held:
+            self.track(asyncio.get_running_loop().create_task(session.slots.release()))
         identity = session.identity
         client_checker = session.client.checker
         logs.event(

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from proxy.guards.context import Identity
+from proxy.guards.slots import LimiterSlots
 from proxy.policy.model import Route
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ class Session:
         subprotocol: str | None,
         on_finish: Callable[[Session], None],
         identity: Identity | None = None,
-        slots: tuple[str, ...] = (),
+        slots: LimiterSlots | None = None,
         request_path: str = "/",
         origin: str | None = None,
     ) -> None:
