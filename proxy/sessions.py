@@ -47,6 +47,7 @@ class Session:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
+        *,
         request_id: str,
         route: Route,
         client_ip: str,
@@ -65,7 +66,8 @@ class Session:
         self.origin = origin
         self.client_ip = client_ip
         self.subprotocol = subprotocol
-        #: Who the token said the client is (None on an open route), and the limiter slots held.
+        #: Who the token said the client is (None on an open route), and the limiter slots held, given
+        #: back when the session ends.
         self.identity = identity
         self.slots = slots
         self.started = time.monotonic()
