@@ -211,7 +211,7 @@ class Gateway:
         """Until :meth:`stop` finished."""
         await self._stopped.wait()
 
-    # -- client connections-------------------------------------------------------------------
+    # -- client connections ---------------------------------------------------------------
 
     def _accepted(self, sock: socket.socket) -> None:
         """A client connected: count it, and connect its socket (through TLS on a TLS listener) to the
