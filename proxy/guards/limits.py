@@ -47,9 +47,13 @@ class Level(NamedTuple):
 
 
 def levels(route: Route, policy: Policy, field: str) -> list[Level]:
-    """The levels of limit ``field`` (a :class:`Limits` field) that apply to ``route``."""
-    limits = route.limits if field == "connections_per_subject" else policy.limits
-    return [Level("", limits, "")] if getattr(limits, field) is not None else []
+    """The levels of limit ``field`` (a :class:`Limits` field) that apply to ``route``, its own first."""
+    found = []
+    if field in route.own_limits and getattr(route.limits, field) is not None:
+        found.append(Level(f"{route.path}:", route.limits, " on this route"))
+    if getattr(policy.limits, field) is not None:
+        found.append(Level("", policy.limits, ""))
+    return found
 
 
 def _describe(route: Route, policy: Policy, field: str, value: Callable[[Limits], str], then: str) -> str:
