@@ -1,6 +1,7 @@
-"""Assembles a running gateway: the client listener, the handshake pipeline, the relay, signals and drain.
+"""Assembles a running gateway: the client listener, the handshake flow, reload, signals and drain.
 
-This is the only module that wires the others together.
+This is the only module that wires the others together; what happens to one handshake is
+:mod:`proxy.handshake_flow`'s.
 """
 
 from __future__ import annotations
@@ -18,18 +19,18 @@ from typing import Any
 from proxy import logs
 from proxy.accept import Acceptor, bind_sockets
 from proxy.admin import AdminServer, AdminState
-from proxy.errors import SHUTTING_DOWN, Rejection, RejectionTemplate, StartupError, UpstreamError
-from proxy.frames import MASK_IMPLEMENTATION, accept_key
+from proxy.errors import DRAINING, OVERLOADED, SHUTTING_DOWN, StartupError
+from proxy.frames import MASK_IMPLEMENTATION
 from proxy.handshake import Pipeline
+from proxy.handshake_flow import HandshakeFlow
 from proxy.limiter.memory import MemoryLimiter
-from proxy.listener import LINGER_SECONDS, HandshakeProtocol, http_response
-from proxy.metrics import NO_ROUTE, Metrics, build_registry
+from proxy.listener import LINGER_SECONDS, HandshakeProtocol
+from proxy.metrics import Metrics, build_registry
 from proxy.policy.model import Address, Policy, TlsListen
-from proxy.relay import start_relay
 from proxy.reload import Reloader, enforce
 from proxy.request import HandshakeRequest
-from proxy.sessions import Session, SessionRegistry
-from proxy.upstream import connect_upstream, forget_tls_contexts
+from proxy.sessions import SessionRegistry
+from proxy.upstream import forget_tls_contexts
 
 
 def _reason(error: OSError) -> str:
@@ -37,12 +38,6 @@ def _reason(error: OSError) -> str:
     return (error.strerror or str(error)).lower() if error.errno else str(error)
 
 
-#: The answer to a client arriving while ``limits.max_connections`` connections are held.
-OVERLOADED = RejectionTemplate(
-    503, "overloaded", "the gateway holds as many connections as it may; retry", (("Retry-After", "1"),)
-)
-#: The answer to a handshake the gateway's stop catches before its 101.
-DRAINING = RejectionTemplate(503, "draining", "the gateway is shutting down; retry", (("Retry-After", "1"),))
 #: Connections the kernel may queue on the client listener before wsgate accepts them.
 LISTEN_BACKLOG = 1024
 
@@ -87,6 +82,14 @@ class Gateway:
         self._handshakes: set[HandshakeProtocol] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
+        self.handshakes = HandshakeFlow(
+            pipeline=lambda: self.pipeline,
+            draining=lambda: self.draining,
+            sessions=self.sessions,
+            metrics=self.metrics,
+            upgraded=self._handshakes.discard,
+            track=self.track,
+        )
 
     @property
     def connection_count(self) -> int:
@@ -179,7 +182,7 @@ class Gateway:
             connecting.cancel()  # in their TLS handshake: nothing can be said to them before it ends
         for handshake in list(self._handshakes):
             if handshake.task is None and not handshake.answered:
-                self._reject(handshake, DRAINING())
+                self.handshakes.reject(handshake, DRAINING())
         live = len(self.sessions)
         logs.event("gateway.draining", sessions=live, drain_timeout_s=self.policy.limits.drain_timeout)
         self.sessions.close_all(SHUTTING_DOWN)
@@ -206,7 +209,7 @@ class Gateway:
         """Until :meth:`stop` finished."""
         await self._stopped.wait()
 
-    # -- handshakes ------------------------------------------------------------------------
+    # -- client connections ---------------------------------------------------------------
 
     def _accepted(self, sock: socket.socket) -> None:
         """A client connected: count it, and connect its socket (through TLS on a TLS listener) to the
@@ -221,7 +224,7 @@ class Gateway:
             deadline=loop.time() + limits.handshake_timeout,
             on_open=self._opened,
             on_request=self._on_request,
-            on_bad_request=self._reject,
+            on_bad_request=self.handshakes.reject,
             on_close=self._handshakes.discard,
             refusal=OVERLOADED() if self.connection_count >= limits.max_connections else None,
         )
@@ -262,149 +265,12 @@ class Gateway:
         self._handshakes.add(protocol)
 
     def _on_request(self, connection: HandshakeProtocol, request: HandshakeRequest) -> None:
-        connection.task = asyncio.get_running_loop().create_task(self._handshake(connection, request))
-
-    def _reject(
-        self,
-        connection: HandshakeProtocol,
-        rejection: Rejection,
-        request: HandshakeRequest | None = None,
-        started: float | None = None,
-    ) -> None:
-        route = self.policy.match_route(request.path) if request is not None else None
-        self.metrics.rejected(
-            route.path if route is not None else NO_ROUTE,
-            rejection.reason,
-            time.monotonic() - started if started is not None else None,
-        )
-        logs.event(
-            "handshake.rejected",
-            logging.INFO if rejection.status < 500 else logging.WARNING,
-            request_id=connection.request_id,
-            client_ip=request.client_ip if request else connection.peer_ip,
-            route=route.path if route is not None else None,
-            path=request.path if request else None,
-            token=request.token_fingerprint if request else None,
-            status=rejection.status,
-            reason=rejection.reason,
-            detail=rejection.detail,
-        )
-        connection.reject(rejection)
-
-    async def _handshake(self, connection: HandshakeProtocol, request: HandshakeRequest) -> None:
-        pipeline = self.pipeline
-        started = time.monotonic()
-        try:
-            admission = await pipeline.admit(request, self.draining)
-        except Rejection as rejection:
-            self._reject(connection, rejection, request, started)
-            return
-        except Exception:  # noqa: BLE001 - logged with its traceback, answered with 500
-            # A bug must cost one handshake, never the process: log it and answer 500.
-            logs.LOGGER.exception("handshake.error", extra={"fields": {"request_id": request.request_id}})
-            self._reject(connection, Rejection(500, "internal_error", "internal error"), request, started)
-            return
-        connect_started = time.monotonic()
-        try:
-            upstream = await connect_upstream(request, admission)
-        except UpstreamError as error:
-            await pipeline.release(admission.slots)
-            self._reject(connection, Rejection(502, "upstream_unavailable", str(error)), request, started)
-            return
-        except asyncio.CancelledError:
-            await pipeline.release(admission.slots)
-            raise
-        except Exception:  # noqa: BLE001 - logged with its traceback, answered with 500
-            await pipeline.release(admission.slots)
-            logs.LOGGER.exception("handshake.error", extra={"fields": {"request_id": request.request_id}})
-            self._reject(connection, Rejection(500, "internal_error", "internal error"), request, started)
-            return
-        self.metrics.upstream_connected(admission.route.path, time.monotonic() - connect_started)
-        if connection.lost or self.draining:
-            upstream.transport.abort()
-            await pipeline.release(admission.slots)
-            if not connection.lost:
-                self._reject(connection, DRAINING(), request, started)
-            return
-        headers: list[tuple[str, str]] = [
-            ("Upgrade", "websocket"),
-            ("Connection", "Upgrade"),
-            ("Sec-WebSocket-Accept", accept_key(request.header("sec-websocket-key") or "")),
-        ]
-        if upstream.subprotocol is not None:
-            headers.append(("Sec-WebSocket-Protocol", upstream.subprotocol))
-        headers.append(("X-Request-Id", request.request_id))
-        headers.extend(upstream.response_headers)
-        connection.accept(http_response(101, headers))
-        self._handshakes.discard(connection)
-        route = admission.route
-        session = Session(
-            asyncio.get_running_loop(),
-            request.request_id,
-            route,
-            admission.client_ip,
-            upstream.subprotocol,
-            self._session_finished,
-            admission.identity,
-            admission.slots,
-            request.path,
-            request.header("origin"),
-        )
-        self.sessions.add(session)
-        handshake_seconds = time.monotonic() - started
-        self.metrics.session_opened(route.path, handshake_seconds)
-        logs.event(
-            "session.open",
-            request_id=request.request_id,
-            client_ip=admission.client_ip,
-            route=route.path,
-            upstream=route.upstream.url,
-            subprotocol=upstream.subprotocol,
-            subject=admission.identity.subject if admission.identity else None,
-            token=admission.identity.fingerprint if admission.identity else None,
-            handshake_ms=round(handshake_seconds * 1000, 1),
-        )
-        start_relay(
-            session,
-            connection.transport,
-            upstream.transport,
-            connection.pending,
-            upstream.pending,
-            upstream.handshake.lost,
-        )
-        if pipeline is not self.pipeline:
-            # The policy was reloaded while this handshake was in flight: judge it by the new one too.
-            enforce((session,), self.policy)
+        connection.task = asyncio.get_running_loop().create_task(self.handshakes.run(connection, request))
 
     def track(self, task: asyncio.Task[Any]) -> None:
         """Keep a reference to a background task until it is done."""
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    def _session_finished(self, session: Session) -> None:
-        self.sessions.remove(session)
-        self.metrics.session_closed(session)
-        if session.slots:
-            self.track(asyncio.get_running_loop().create_task(self.pipeline.release(session.slots)))
-        identity = session.identity
-        client_checker = session.client.checker
-        logs.event(
-            "session.close",
-            request_id=session.request_id,
-            client_ip=session.client_ip,
-            route=session.route.path,
-            initiator=session.initiator,
-            code=session.close_code,
-            reason=session.close_reason,
-            duration_s=round(session.duration, 3),
-            client_messages=session.client.messages,
-            client_bytes=session.client.bytes,
-            upstream_messages=session.upstream.messages,
-            upstream_bytes=session.upstream.bytes,
-            dropped=client_checker.dropped if client_checker else 0,
-            subject=identity.subject if identity else None,
-            token=identity.fingerprint if identity else None,
-        )
 
 
 async def serve(

@@ -165,6 +165,16 @@ class RejectionTemplate(NamedTuple):
         return Rejection(self.status, self.reason, self.detail, self.headers)
 
 
+#: A client arriving while ``limits.max_connections`` connections are held.
+OVERLOADED = RejectionTemplate(
+    503, "overloaded", "the gateway holds as many connections as it may; retry", (("Retry-After", "1"),)
+)
+#: A handshake the gateway's stop catches before its 101.
+DRAINING = RejectionTemplate(503, "draining", "the gateway is shutting down; retry", (("Retry-After", "1"),))
+#: A bug met while judging or connecting one handshake: it costs that handshake, never the process.
+INTERNAL = RejectionTemplate(500, "internal_error", "internal error")
+
+
 class UpstreamError(WsgateError):
     """The upstream could not be connected or refused the WebSocket upgrade; the client gets 502."""
 

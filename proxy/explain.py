@@ -1,43 +1,27 @@
 """``wsgate explain``: how a policy would judge one handshake, guard by guard, without a server.
 
-The request is built as a real upgrade request and judged by the same guard functions, in the same order,
-as the gateway's pipeline. Rate limits and connection caps depend on live traffic, so they are reported
-with their configured values and not evaluated. With ``claims`` instead of a token, the signature step is
-skipped and the claims are judged as a verified token's would be.
+The request is built as a real upgrade request and judged by the guard registry the gateway's pipeline
+runs, in the same order, each guard saying what its step prints (:meth:`~proxy.guards.base.Guard.explain`).
+Rate limits and connection caps depend on live traffic, so they are reported with their configured values
+and not evaluated. With ``claims`` instead of a token, the signature step is skipped and the claims are
+judged as a verified token's would be.
 """
 
 from __future__ import annotations
 
-import inspect
-import os
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
-import jwt
-
 from proxy.errors import Rejection
-from proxy.guards.context import HandshakeContext, Identity
-from proxy.guards.firewall import check_firewall
-from proxy.guards.limits import check_connections_per_ip, check_connections_per_subject, check_handshake_rate
-from proxy.guards.origin import check_origin
-from proxy.guards.token import check_revocation, check_token, claims_allowed, rejection_for, validation
-from proxy.handshake import GUARDS, Guard, Pipeline, check_upgrade
+from proxy.guards.base import ExplainInput
+from proxy.guards.context import HandshakeContext
+from proxy.guards.registry import GUARDS
+from proxy.guards.slots import LimiterSlots
+from proxy.handshake import Pipeline
 from proxy.limiter.memory import MemoryLimiter
 from proxy.policy.model import Policy, Route
 from proxy.request import HandshakeRequest
-
-_NAMES: dict[Guard, str] = {
-    check_upgrade: "websocket upgrade",
-    check_firewall: "firewall",
-    check_origin: "origin",
-    check_handshake_rate: "handshakes per IP",
-    check_connections_per_ip: "connections per IP",
-    check_token: "token",
-    check_revocation: "revocation",
-    check_connections_per_subject: "connections per subject",
-}
-_RUNTIME = {check_handshake_rate, check_connections_per_ip, check_connections_per_subject}
 
 
 @dataclass(slots=True)
@@ -83,20 +67,6 @@ class Explanation:
         return "\n".join(lines) + "\n"
 
 
-def _runtime_detail(guard: Guard, route: Route, policy: Policy) -> str:
-    limits = route.limits
-    if guard is check_handshake_rate:
-        if policy.limits.handshakes_per_ip is None:
-            return "no limit set"
-        rate, burst = policy.limits.handshakes_per_ip, policy.limits.handshake_burst
-        return f"{rate:g}/s, burst {burst}; depends on traffic"
-    if guard is check_connections_per_ip:
-        cap = policy.limits.connections_per_ip
-        return "no limit set" if cap is None else f"at most {cap}; depends on live sessions"
-    cap = limits.connections_per_subject
-    return "no limit set" if cap is None else f"at most {cap}; depends on live sessions"
-
-
 def _request(
     policy: Policy, route: Route | None, path: str, client_ip: str, origin: str | None, token: str | None
 ) -> HandshakeRequest:
@@ -127,37 +97,6 @@ def _request(
     return HandshakeRequest.build("explain", "GET", target, "1.1", headers, client_ip, client_ip, False)
 
 
-def _judge_claims(context: HandshakeContext, claims: dict[str, Any]) -> Rejection | None:
-    """The token step for ``--claims``: PyJWT's own claim checks (exp, nbf, iat, iss, aud, required
-    claims, leeway) on the claims as if a valid signature carried them, then the route's claim rules."""
-    route = context.route
-    if route.auth is None:
-        return None
-    provider = context.policy.provider(route.auth)
-    key = os.urandom(32)
-    try:
-        token = jwt.encode(claims, key, algorithm="HS256")
-        jwt.decode(token, key, algorithms=["HS256"], **validation(provider))
-    except jwt.PyJWTError as error:
-        return rejection_for(error)
-    except (TypeError, ValueError) as error:
-        return Rejection(401, "auth_invalid", f"malformed claims: {error}")
-    broken = claims_allowed(claims, provider.required_claims)
-    if broken is not None:
-        return Rejection(403, "claims", f"claim {broken.claim!r} does not allow this route")
-    subject, token_id = claims.get("sub"), claims.get("jti")
-    context.identity = Identity(
-        provider=provider.name,
-        subject=str(subject) if subject is not None else None,
-        token_id=str(token_id) if token_id is not None else None,
-        expires_at=None,
-        fingerprint="(claims)",
-        source="claims",
-        claims=claims,
-    )
-    return None
-
-
 async def explain(
     policy: Policy,
     path: str,
@@ -175,40 +114,25 @@ async def explain(
     if claims is not None and route.auth is not None:
         token = None
     request = _request(policy, route, path, client_ip, origin, token)
-    pipeline = Pipeline(policy, MemoryLimiter())
-    context = HandshakeContext(request, policy, route, MemoryLimiter(), pipeline.verifiers, client_ip)
+    limiter = MemoryLimiter()
+    context = HandshakeContext(
+        request=request,
+        policy=policy,
+        route=route,
+        limiter=limiter,
+        verifiers=Pipeline(policy, limiter).verifiers,
+        client_ip=client_ip,
+        slots=LimiterSlots(limiter),
+    )
+    given = ExplainInput(claims=claims)
     refused: Rejection | None = None
     for guard in GUARDS:
-        name = _NAMES.get(guard, getattr(guard, "__name__", "guard"))
         if refused is not None:
-            result.steps.append(Step(name, "not reached"))
+            result.steps.append(Step(guard.name, "not reached"))
             continue
-        if guard in _RUNTIME:
-            result.steps.append(Step(name, "not evaluated", _runtime_detail(guard, route, policy)))
-            continue
-        if guard is check_token and claims is not None:
-            verdict: Rejection | None = _judge_claims(context, claims)
-            name = "token (claims given)"
-        else:
-            outcome = guard(context)
-            verdict = await outcome if inspect.isawaitable(outcome) else outcome
-        if verdict is None:
-            result.steps.append(Step(name, "pass", _pass_detail(guard, context)))
-        else:
-            refused = verdict
-            result.steps.append(Step(name, "refuse", f"{verdict.status} {verdict.reason}: {verdict.detail}"))
+        explained = await guard.explain(context, given)
+        result.steps.append(Step(explained.name or guard.name, explained.verdict, explained.detail))
+        refused = explained.rejection
     if refused is not None:
         result.status, result.reason, result.detail = refused.status, refused.reason, refused.detail
     return result
-
-
-def _pass_detail(guard: Guard, context: HandshakeContext) -> str:
-    if guard is check_token:
-        identity = context.identity
-        if context.route.auth is None:
-            return "open route (auth: none)"
-        if identity is not None:
-            return f"subject {identity.subject!r} via {identity.source}"
-    if guard is check_origin and context.request.header("origin") is None:
-        return "no Origin sent (allowed on this route)"
-    return ""

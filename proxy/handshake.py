@@ -1,44 +1,35 @@
-"""The handshake pipeline: from a parsed upgrade request to an :class:`Admission` or a :class:`Rejection`.
+"""Judging one upgrade request: route, draining, client IP, then every guard of the registry in order.
 
-Guards run in the order a reader of the policy expects, cheapest first, and each returns ``None`` to pass
-or a :class:`~proxy.errors.Rejection`:
+The outcome is an :class:`Admission` (what the upstream connection and the session need) or a
+:class:`~proxy.errors.Rejection`:
 
 ==========================  ====================================
 route                        404 ``no_route``
 draining                     503 ``draining``
-WebSocket upgrade            400/426 ``bad_request``
-firewall (policy, route)     403 ``firewall``
-origin                       403 ``origin``
-handshakes per IP            429 ``rate_limited`` + Retry-After
-connections per IP           429 ``conn_limit``
-token                        401 ``auth_missing`` / ``auth_invalid`` / ``auth_expired``, 403 ``claims``
-revocation                   401 ``revoked``
-connections per subject      429 ``conn_limit``
+the guard registry           :data:`proxy.guards.registry.GUARDS`, each with its own refusals
 ==========================  ====================================
 
-Nothing here touches a socket, so every step is testable on its own.
+Nothing here touches a socket; :mod:`proxy.handshake_flow` does the I/O around it.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from proxy.clientip import resolve_client_ip
-from proxy.errors import Rejection
-from proxy.frames import is_valid_client_key
+from proxy.errors import DRAINING, Rejection
+from proxy.guards.base import run_check
 from proxy.guards.context import HandshakeContext, Identity
-from proxy.guards.firewall import check_firewall
 from proxy.guards.jwks import JwksKeys
-from proxy.guards.limits import check_connections_per_ip, check_connections_per_subject, check_handshake_rate
-from proxy.guards.origin import check_origin
-from proxy.guards.token import TokenVerifier, check_revocation, check_token
+from proxy.guards.registry import GUARDS
+from proxy.guards.slots import LimiterSlots
+from proxy.guards.token import TokenVerifier
 from proxy.limiter import Limiter
 from proxy.policy.model import AuthProvider, Policy, Route
 from proxy.request import HandshakeRequest
 
-__all__ = ["GUARDS", "Admission", "HandshakeRequest", "Pipeline", "check_upgrade"]
+__all__ = ["Admission", "HandshakeRequest", "Pipeline"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,50 +43,6 @@ class Admission:
     identity: Identity | None = None
     #: The route's auth provider (None on an open route): where its token travels, so it is not forwarded.
     provider: AuthProvider | None = None
-    #: Limiter slots held for the session's lifetime.
-    slots: tuple[str, ...] = field(default=())
-
-
-Guard = Callable[[HandshakeContext], "Rejection | Awaitable[Rejection | None] | None"]
-
-
-def check_upgrade(context: HandshakeContext) -> Rejection | None:
-    """The request must be a well-formed RFC 6455 opening handshake (section 4.2.1)."""
-    request = context.request
-    if "websocket" not in request.header_tokens("upgrade"):
-        return Rejection(
-            426,
-            "bad_request",
-            "this route only speaks WebSocket; send an Upgrade: websocket request",
-            (("Upgrade", "websocket"), ("Connection", "Upgrade")),
-        )
-    if request.method != "GET":
-        return Rejection(400, "bad_request", "a WebSocket handshake must use GET", (("Allow", "GET"),))
-    if request.http_version != "1.1":
-        return Rejection(400, "bad_request", "a WebSocket handshake needs HTTP/1.1")
-    if "upgrade" not in request.header_tokens("connection"):
-        return Rejection(400, "bad_request", "missing 'Connection: Upgrade'")
-    if request.header("sec-websocket-version") != "13":
-        return Rejection(
-            426, "bad_request", "unsupported WebSocket version; use 13", (("Sec-WebSocket-Version", "13"),)
-        )
-    key = request.header("sec-websocket-key")
-    if key is None or not is_valid_client_key(key):
-        return Rejection(400, "bad_request", "missing or malformed Sec-WebSocket-Key")
-    return None
-
-
-#: The guards, in the order they run (see the module docstring).
-GUARDS: tuple[Guard, ...] = (
-    check_upgrade,
-    check_firewall,
-    check_origin,
-    check_handshake_rate,
-    check_connections_per_ip,
-    check_token,
-    check_revocation,
-    check_connections_per_subject,
-)
 
 
 class Pipeline:
@@ -129,41 +76,43 @@ class Pipeline:
             )
         return TokenVerifier(provider, jwks)
 
-    async def admit(self, request: HandshakeRequest, draining: bool = False) -> Admission:
-        """Run every guard for one request.
+    async def admit(
+        self, request: HandshakeRequest, slots: LimiterSlots, draining: bool = False
+    ) -> Admission:
+        """Run every guard for one request; the caps take their limiter slots into ``slots``, which the
+        caller owns (and releases) whatever the outcome.
 
         Raises:
-            Rejection: the first guard that said no; limiter slots taken before it are given back.
+            Rejection: the first guard that said no.
         """
         policy = self.policy
         route = policy.match_route(request.path)
         if route is None:
             raise Rejection(404, "no_route", f"no route for {request.path}")
         if draining:
-            raise Rejection(503, "draining", "the gateway is shutting down; retry", (("Retry-After", "1"),))
+            raise DRAINING()
         client_ip, forwarded_for = resolve_client_ip(
             request.peer_ip,
             request.header_values("x-forwarded-for"),
             policy.trusted_proxies,
         )
         request.client_ip = client_ip
-        context = HandshakeContext(request, policy, route, self.limiter, self.verifiers, client_ip)
+        context = HandshakeContext(
+            request=request,
+            policy=policy,
+            route=route,
+            limiter=self.limiter,
+            verifiers=self.verifiers,
+            client_ip=client_ip,
+            slots=slots,
+        )
         try:
             for guard in GUARDS:
-                verdict = guard(context)
-                if inspect.isawaitable(verdict):
-                    verdict = await verdict
+                verdict = await run_check(guard, context)
                 if verdict is not None:
                     raise verdict
-        except BaseException:
-            await self.release(tuple(context.slots))
-            if context.token_fingerprint is not None:
-                request.token_fingerprint = context.token_fingerprint
-            raise
+        finally:
+            # a refused token's fingerprint, for the refusal's log line
+            request.token_fingerprint = context.token_fingerprint
         provider = policy.provider(route.auth) if route.auth is not None else None
-        return Admission(route, client_ip, forwarded_for, context.identity, provider, tuple(context.slots))
-
-    async def release(self, slots: tuple[str, ...]) -> None:
-        """Give back the limiter slots of a session that ended (or a handshake that failed)."""
-        for key in slots:
-            await self.limiter.release(key)
+        return Admission(route, client_ip, forwarded_for, context.identity, provider)

@@ -17,37 +17,30 @@ from pathlib import Path
 
 from proxy import logs
 from proxy.errors import POLICY_CHANGED, PolicyError
-from proxy.guards.firewall import firewall_allows
-from proxy.guards.origin import origin_refusal
-from proxy.guards.token import claims_allowed, is_revoked
+from proxy.guards.base import Guard, LiveSession
+from proxy.guards.registry import GUARDS
 from proxy.metrics import Metrics
 from proxy.policy.load import load_policy
 from proxy.policy.model import Policy
 from proxy.sessions import Session
 
 
-def refusal_for(session: Session, policy: Policy) -> str | None:
+def refusal_for(session: LiveSession, policy: Policy, guards: tuple[Guard, ...] = GUARDS) -> str | None:
     """Why ``policy`` would refuse this live session now (None: it may go on).
 
-    The checks are the handshake guards that depend only on the policy and on what the session already
-    proved at its handshake: route, firewall, origin, auth provider, required claims, revocation.
-    Rates and connection caps are not re-judged: they count future handshakes, not past ones.
+    The route must still exist; then every guard of the registry that judges live sessions again does,
+    in registry order, from what the session proved at its handshake (its address, Origin, identity).
+    The others say why they do not (:attr:`~proxy.guards.base.Guard.not_rejudged`): rates and caps bound
+    future handshakes, and an upgraded session stays upgraded.
     """
     route = policy.match_route(session.request_path)
     if route is None:
         return "route removed"
-    if not firewall_allows(policy, route, session.client_ip):
-        return "firewall"
-    if origin_refusal(route, session.origin) is not None:
-        return "origin"
-    identity = session.identity
-    if route.auth is not None:
-        if identity is None or identity.provider != route.auth:
-            return "auth"
-        if claims_allowed(identity.claims, policy.provider(route.auth).required_claims) is not None:
-            return "claims"
-    if identity is not None and is_revoked(identity, policy.revoked):
-        return "revoked"
+    for guard in guards:
+        if guard.not_rejudged is None:
+            why = guard.rejudge(session, route, policy)
+            if why is not None:
+                return why
     return None
 
 

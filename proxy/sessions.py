@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from proxy.errors import IDLE_TIMEOUT, TOKEN_EXPIRED, Close
 from proxy.guards.context import Identity
+from proxy.guards.slots import LimiterSlots
 from proxy.policy.model import Route
 
 if TYPE_CHECKING:
@@ -47,13 +48,14 @@ class Session:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
+        *,
         request_id: str,
         route: Route,
         client_ip: str,
         subprotocol: str | None,
         on_finish: Callable[[Session], None],
         identity: Identity | None = None,
-        slots: tuple[str, ...] = (),
+        slots: LimiterSlots | None = None,
         request_path: str = "/",
         origin: str | None = None,
     ) -> None:
@@ -65,7 +67,8 @@ class Session:
         self.origin = origin
         self.client_ip = client_ip
         self.subprotocol = subprotocol
-        #: Who the token said the client is (None on an open route), and the limiter slots held.
+        #: Who the token said the client is (None on an open route), and the limiter slots held, given
+        #: back when the session ends.
         self.identity = identity
         self.slots = slots
         self.started = time.monotonic()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import ip_address
 from typing import TYPE_CHECKING, Any
 
+from proxy.guards.slots import LimiterSlots
 from proxy.limiter import Limiter
 from proxy.policy.model import IPAddress, Policy, Route
 from proxy.request import HandshakeRequest
@@ -39,12 +40,12 @@ class HandshakeContext:
     #: Token verifiers by provider name (they keep their caches across handshakes).
     verifiers: dict[str, TokenVerifier]
     client_ip: str
+    #: Limiter slots the caps take; owned past the handshake by whoever runs it (see LimiterSlots).
+    slots: LimiterSlots
     client_address: IPAddress | None = None
     identity: Identity | None = None
     #: Fingerprint of a token that was refused, for the rejection's log line.
     token_fingerprint: str | None = None
-    #: Limiter slots taken so far; released when the handshake fails or the session ends.
-    slots: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         try:

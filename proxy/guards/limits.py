@@ -1,16 +1,29 @@
 """Handshake-time limits: handshakes per second per IP, concurrent sessions per IP and per subject.
 
-Slots taken here are recorded on the context; the pipeline gives them back when a later guard refuses
-the handshake, and the gateway when the session ends.
+Each limit has up to two levels. The policy-wide one is shared by every route (keys ``hs:{ip}``,
+``ip:{ip}``, ``sub:{provider}:{subject}``). A route that sets the limit in its own ``limits`` section also
+has its own bucket, keyed by route and client (``hs:{route}:{ip}``, ``ip:{route}:{ip}``,
+``sub:{route}:{provider}:{subject}``). Both apply where both are set; the route's is checked first, so a
+handshake its route refuses costs nothing of the policy-wide budget.
+
+Slots are taken through the context's :class:`~proxy.guards.slots.LimiterSlots`, which gives them back when
+a later guard refuses the handshake, or when the session ends.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 from proxy.errors import Rejection
+from proxy.guards.base import TrafficGuard
 from proxy.guards.context import HandshakeContext
+from proxy.policy.model import Limits, Policy, Route
+
+#: Why rates and caps leave live sessions alone on reload.
+_FUTURE_ONLY = "they bound future handshakes, not past ones"
 
 
 def address_key(context: HandshakeContext) -> str:
@@ -23,42 +36,117 @@ def address_key(context: HandshakeContext) -> str:
     return f"{ipaddress.ip_network((address, prefix), strict=False)}"
 
 
-async def check_handshake_rate(context: HandshakeContext) -> Rejection | None:
-    """429 ``rate_limited`` with ``Retry-After`` once an IP exceeds ``handshakes_per_ip`` and its burst."""
-    limits = context.policy.limits
-    if limits.handshakes_per_ip is None:
-        return None
-    wait = await context.limiter.hit(
-        f"hs:{address_key(context)}", limits.handshakes_per_ip, limits.handshake_burst
-    )
-    if wait <= 0:
-        return None
-    retry_after = str(max(1, math.ceil(wait)))
-    return Rejection(
-        429, "rate_limited", "too many handshakes from this address", (("Retry-After", retry_after),)
-    )
+class Level(NamedTuple):
+    """One level of a limit: whose it is, and the limits that hold its value."""
+
+    #: Inserted into the limiter key: "" for the policy-wide level, "{route.path}:" for the route's own.
+    scope: str
+    limits: Limits
+    #: Appended to the refusal's detail: "" or " on this route".
+    where: str
 
 
-async def check_connections_per_ip(context: HandshakeContext) -> Rejection | None:
-    """429 ``conn_limit`` when the IP already has ``connections_per_ip`` sessions."""
-    cap = context.policy.limits.connections_per_ip
-    if cap is None:
-        return None
-    key = f"ip:{address_key(context)}"
-    if not await context.limiter.acquire(key, cap):
-        return Rejection(429, "conn_limit", f"at most {cap} connections per address", (("Retry-After", "1"),))
-    context.slots.append(key)
-    return None
+def levels(route: Route, policy: Policy, field: str) -> list[Level]:
+    """The levels of limit ``field`` (a :class:`Limits` field) that apply to ``route``, its own first."""
+    found = []
+    if field in route.own_limits and getattr(route.limits, field) is not None:
+        found.append(Level(f"{route.path}:", route.limits, " on this route"))
+    if getattr(policy.limits, field) is not None:
+        found.append(Level("", policy.limits, ""))
+    return found
 
 
-async def check_connections_per_subject(context: HandshakeContext) -> Rejection | None:
-    """429 ``conn_limit`` when the token's subject already has ``connections_per_subject`` sessions."""
-    cap = context.route.limits.connections_per_subject
-    identity = context.identity
-    if cap is None or identity is None or identity.subject is None:
+def _describe(route: Route, policy: Policy, field: str, value: Callable[[Limits], str], then: str) -> str:
+    """Every level of a limit as ``wsgate explain`` prints it; ``value`` formats one level's value."""
+    found = levels(route, policy, field)
+    if not found:
+        return "no limit set"
+    both = len(found) > 1
+    parts = [value(level.limits) + (level.where or (" policy-wide" if both else "")) for level in found]
+    return "; ".join([*parts, then])
+
+
+def _over_cap(detail: str) -> Rejection:
+    return Rejection(429, "conn_limit", detail, (("Retry-After", "1"),))
+
+
+def _rate_text(limits: Limits) -> str:
+    return f"{limits.handshakes_per_ip:g}/s, burst {limits.handshake_burst}"
+
+
+def _cap_text(field: str) -> Callable[[Limits], str]:
+    return lambda limits: f"at most {getattr(limits, field)}"
+
+
+class HandshakeRateGuard(TrafficGuard):
+    name = "handshakes per IP"
+    not_rejudged = _FUTURE_ONLY
+
+    async def check(self, context: HandshakeContext) -> Rejection | None:
+        """429 ``rate_limited`` with ``Retry-After`` once an IP exceeds ``handshakes_per_ip`` and its
+        burst."""
+        found = levels(context.route, context.policy, "handshakes_per_ip")
+        if not found:
+            return None
+        address = address_key(context)
+        for scope, limits, where in found:
+            rate = limits.handshakes_per_ip
+            assert rate is not None  # levels() found it set
+            wait = await context.limiter.hit(f"hs:{scope}{address}", rate, limits.handshake_burst)
+            if wait > 0:
+                retry_after = str(max(1, math.ceil(wait)))
+                detail = f"too many handshakes from this address{where}"
+                return Rejection(429, "rate_limited", detail, (("Retry-After", retry_after),))
         return None
-    key = f"sub:{identity.provider}:{identity.subject}"
-    if not await context.limiter.acquire(key, cap):
-        return Rejection(429, "conn_limit", f"at most {cap} connections per user", (("Retry-After", "1"),))
-    context.slots.append(key)
-    return None
+
+    def configured(self, route: Route, policy: Policy) -> str:
+        return _describe(route, policy, "handshakes_per_ip", _rate_text, "depends on traffic")
+
+
+class ConnectionsPerIpGuard(TrafficGuard):
+    name = "connections per IP"
+    not_rejudged = _FUTURE_ONLY
+
+    async def check(self, context: HandshakeContext) -> Rejection | None:
+        """429 ``conn_limit`` when the IP already has ``connections_per_ip`` sessions."""
+        found = levels(context.route, context.policy, "connections_per_ip")
+        if not found:
+            return None
+        address = address_key(context)
+        for scope, limits, where in found:
+            cap = limits.connections_per_ip
+            assert cap is not None
+            if not await context.slots.acquire(f"ip:{scope}{address}", cap):
+                return _over_cap(f"at most {cap} connections per address{where}")
+        return None
+
+    def configured(self, route: Route, policy: Policy) -> str:
+        return _describe(
+            route, policy, "connections_per_ip", _cap_text("connections_per_ip"), "depends on live sessions"
+        )
+
+
+class ConnectionsPerSubjectGuard(TrafficGuard):
+    name = "connections per subject"
+    not_rejudged = _FUTURE_ONLY
+
+    async def check(self, context: HandshakeContext) -> Rejection | None:
+        """429 ``conn_limit`` when the token's subject already has ``connections_per_subject`` sessions."""
+        identity = context.identity
+        if identity is None or identity.subject is None:
+            return None
+        for scope, limits, where in levels(context.route, context.policy, "connections_per_subject"):
+            cap = limits.connections_per_subject
+            assert cap is not None
+            if not await context.slots.acquire(f"sub:{scope}{identity.provider}:{identity.subject}", cap):
+                return _over_cap(f"at most {cap} connections per user{where}")
+        return None
+
+    def configured(self, route: Route, policy: Policy) -> str:
+        return _describe(
+            route,
+            policy,
+            "connections_per_subject",
+            _cap_text("connections_per_subject"),
+            "depends on live sessions",
+        )

@@ -9,8 +9,9 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from proxy.errors import Rejection
+from proxy.guards.base import LiveSession, OfflineGuard
 from proxy.guards.context import HandshakeContext
-from proxy.policy.model import OriginPattern, Route
+from proxy.policy.model import OriginPattern, Policy, Route
 
 
 def origin_allowed(origin: str, patterns: tuple[OriginPattern, ...]) -> bool:
@@ -36,7 +37,18 @@ def origin_refusal(route: Route, origin: str | None) -> str | None:
     return None if origin_allowed(origin, route.origins) else "origin not allowed"
 
 
-def check_origin(context: HandshakeContext) -> Rejection | None:
-    """403 ``origin`` when the route lists origins and the handshake's Origin is not one of them."""
-    why = origin_refusal(context.route, context.request.header("origin"))
-    return None if why is None else Rejection(403, "origin", why)
+class OriginGuard(OfflineGuard):
+    name = "origin"
+
+    def check(self, context: HandshakeContext) -> Rejection | None:
+        """403 ``origin`` when the route lists origins and the handshake's Origin is not one of them."""
+        why = origin_refusal(context.route, context.request.header("origin"))
+        return None if why is None else Rejection(403, "origin", why)
+
+    def rejudge(self, session: LiveSession, route: Route, policy: Policy) -> str | None:
+        return None if origin_refusal(route, session.origin) is None else "origin"
+
+    def passed(self, context: HandshakeContext) -> str:
+        if context.request.header("origin") is None:
+            return "no Origin sent (allowed on this route)"
+        return ""
