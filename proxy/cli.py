@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="show how a policy judges one handshake",
         description="Show which route a request matches, each guard's verdict in order, and the answer the "
         "client would get, without starting a server. Exit 0 if the handshake would be admitted, 2 if it "
-        "would be refused, 1 if the policy or the arguments are invalid.",
+        "would be refused, 1 if the policy or the arguments are invalid or the answer needs a secret that "
+        "is not set here.",
     )
     explain.add_argument("-c", "--config", required=True, metavar="FILE", help="policy file (YAML)")
     explain.add_argument("--ip", required=True, metavar="IP", help="the client IP (as resolved)")
@@ -164,6 +165,8 @@ def _explain(args: argparse.Namespace) -> int:
     async def judge() -> int:
         result = await explain(policy, args.path, client_ip, args.origin, args.token, claims)
         sys.stdout.write(result.render())
+        if result.undecided:
+            return 1
         return 0 if result.admitted else 2
 
     return _run(judge())

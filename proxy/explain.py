@@ -42,10 +42,12 @@ class Explanation:
     status: int = 101
     reason: str = ""
     detail: str = ""
+    #: Why the answer cannot be given here ("" when it can): a step needs a secret that is not set.
+    undecided: str = ""
 
     @property
     def admitted(self) -> bool:
-        return self.status == 101
+        return self.status == 101 and not self.undecided
 
     def render(self) -> str:
         route = self.route
@@ -58,7 +60,9 @@ class Explanation:
         for number, step in enumerate(self.steps, 1):
             line = f"  {number}. {step.guard:<24} {step.verdict}"
             lines.append(f"{line}: {step.detail}" if step.detail else line)
-        if self.admitted:
+        if self.undecided:
+            lines.append(f"answer    undecided: {self.undecided}")
+        elif self.admitted:
             lines.append(
                 "answer    101 Switching Protocols (the upstream is connected next; 502 if that fails)"
             )
@@ -127,12 +131,14 @@ async def explain(
     given = ExplainInput(claims=claims)
     refused: Rejection | None = None
     for guard in GUARDS:
-        if refused is not None:
+        if refused is not None or result.undecided:
             result.steps.append(Step(guard.name, "not reached"))
             continue
         explained = await guard.explain(context, given)
         result.steps.append(Step(explained.name or guard.name, explained.verdict, explained.detail))
         refused = explained.rejection
+        if explained.undecided:
+            result.undecided = explained.detail
     if refused is not None:
         result.status, result.reason, result.detail = refused.status, refused.reason, refused.detail
     return result

@@ -18,6 +18,7 @@ from proxy.guards.token import (
     check_revocation,
     check_token,
     claims_allowed,
+    find_token,
     is_revoked,
     rejection_for,
     validation,
@@ -44,6 +45,17 @@ class TokenGuard(OfflineGuard):
         return None
 
     async def explain(self, context: HandshakeContext, given: ExplainInput) -> Explained:
+        route = context.route
+        if given.claims is None and route.auth is not None:
+            provider = context.policy.provider(route.auth)
+            unverifiable = provider.secret is None and provider.secret_env is not None
+            if unverifiable and find_token(context.request, provider) is not None:
+                return Explained(
+                    "not evaluated",
+                    f"the secret in {provider.secret_env} is not set here: set it to verify the "
+                    "token, or pass --claims to judge its claims",
+                    undecided=True,
+                )
         if given.claims is None:
             return await super().explain(context, given)
         verdict = judge_claims(context, given.claims)

@@ -64,6 +64,9 @@ class Explained:
     rejection: Rejection | None = None
     #: The line's name when it is not the guard's own (e.g. how the step was judged).
     name: str | None = None
+    #: The step cannot be judged here (a secret that ``check`` and ``explain`` run without): the answer
+    #: is undecided, and the steps after it are not reached.
+    undecided: bool = False
 
     @classmethod
     def of(cls, verdict: Verdict, passed: str, name: str | None = None) -> Explained:

@@ -46,10 +46,16 @@ class Level(NamedTuple):
     where: str
 
 
+#: Keys that give a route its own bucket of a limit besides the limit's own key: a route that sets only
+#: ``handshake_burst`` gets its own bucket at the policy's rate with that burst.
+_ALSO_OWN: dict[str, frozenset[str]] = {"handshakes_per_ip": frozenset({"handshake_burst"})}
+
+
 def levels(route: Route, policy: Policy, field: str) -> list[Level]:
     """The levels of limit ``field`` (a :class:`Limits` field) that apply to ``route``, its own first."""
     found = []
-    if field in route.own_limits and getattr(route.limits, field) is not None:
+    own = field in route.own_limits or not _ALSO_OWN.get(field, frozenset()).isdisjoint(route.own_limits)
+    if own and getattr(route.limits, field) is not None:
         found.append(Level(f"{route.path}:", route.limits, " on this route"))
     if getattr(policy.limits, field) is not None:
         found.append(Level("", policy.limits, ""))

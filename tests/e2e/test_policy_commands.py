@@ -112,3 +112,22 @@ def test_explain_answers_a_missing_token_and_given_claims_without_the_secret(sec
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "answer    101" in result.stdout
+
+
+def test_explain_with_a_token_it_cannot_verify_here_says_so_after_the_steps_it_can_judge(secret_policy):
+    token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
+    result = run(
+        WSGATE, "explain", "-c", str(secret_policy), "--ip", "198.51.100.1", "--token", token, "/chat"
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "firewall                 pass" in result.stdout
+    assert (
+        "token                    not evaluated: the secret in WSGATE_TEST_UNSET_SECRET is not set"
+        in result.stdout
+    )
+    assert "revocation               not reached" in result.stdout
+    assert "answer    undecided: the secret in WSGATE_TEST_UNSET_SECRET is not set here" in result.stdout
+    assert "Traceback" not in result.stderr
+    refused = run(WSGATE, "explain", "-c", str(secret_policy), "--ip", "192.0.2.9", "--token", token, "/chat")
+    assert refused.returncode == 2
+    assert "answer    403 firewall" in refused.stdout

@@ -48,3 +48,11 @@ async def test_explain_shows_the_routes_own_limit_and_the_policy_wide_one() -> N
     assert steps["handshakes per IP"].detail == "5/s, burst 10; depends on traffic"
     assert steps["connections per IP"].detail == "at most 3; depends on live sessions"
     assert steps["connections per subject"].detail == "no limit set"
+
+
+async def test_a_route_setting_only_a_burst_has_its_own_bucket_at_the_policy_rate() -> None:
+    policy = parse_policy(POLICY + "    limits: {handshake_burst: 2}\n")
+    steps = {step.guard: step for step in (await explain(policy, "/inherited", "198.51.100.7")).steps}
+    assert steps["handshakes per IP"].detail == (
+        "5/s, burst 2 on this route; 5/s, burst 10 policy-wide; depends on traffic"
+    )
