@@ -167,7 +167,7 @@ class HandshakeFlow:
             subprotocol=upstream.subprotocol,
             on_finish=self._session_finished,
             identity=identity,
-            slots=slots,
+            slots=slots if slots.held else None,  # most sessions hold none: keep no object for them
             request_path=request.path,
             origin=request.header("origin"),
         )
