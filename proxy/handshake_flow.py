@@ -172,6 +172,24 @@ class HandshakeFlow:
             origin=request.header("origin"),
         )
         self._sessions.add(session)
+        try:
+            self._relay(session, connection, request, admission, upstream, started)
+        except BaseException:
+            self._sessions.remove(session)  # never relayed, so it would never finish by itself
+            raise
+        return session
+
+    def _relay(
+        self,
+        session: Session,
+        connection: HandshakeProtocol,
+        request: HandshakeRequest,
+        admission: Admission,
+        upstream: UpstreamConnection,
+        started: float,
+    ) -> None:
+        """Count and log the session's opening, and start relaying its frames."""
+        route, identity = admission.route, admission.identity
         handshake_seconds = time.monotonic() - started
         self._metrics.session_opened(route.path, handshake_seconds)
         logs.event(
@@ -193,7 +211,6 @@ class HandshakeFlow:
             upstream.pending,
             upstream.handshake.lost,
         )
-        return session
 
     def _session_finished(self, session: Session) -> None:
         self._sessions.remove(session)

@@ -31,7 +31,8 @@ class LimiterSlots:
         return True
 
     async def release(self) -> None:
-        """Give back every slot held. Calling it again gives back nothing more."""
-        held, self._held = self._held, []
-        for key in held:
-            await self._limiter.release(key)
+        """Give back every slot held. Calling it again gives back nothing more; a release cancelled
+        halfway keeps the keys not yet given back, for the next call."""
+        while self._held:
+            await self._limiter.release(self._held[-1])
+            self._held.pop()

@@ -74,6 +74,7 @@ class Key:
     kind: Kind
     help: str
     scopes: frozenset[Scope]
+    #: The key must be present; a dotted key (``admin.address``) only when its parent mapping is.
     required: bool = False
     #: Said after "missing 'name'" when a required key is absent.
     hint: str = ""

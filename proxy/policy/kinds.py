@@ -199,13 +199,15 @@ def read_tls_version(source: Source, node: yaml.Node, path: str) -> str:
 
 def read_version(source: Source, node: yaml.Node, path: str) -> int:
     version = scalar_or_none(node)
-    if version != 1 or isinstance(version, bool):
+    if version != 1:
         source.fail(node, path, f"unsupported policy version {version!r}; this wsgate reads version 1")
     return 1
 
 
 def read_algorithms(source: Source, node: yaml.Node, path: str) -> tuple[str, ...]:
     algorithms = read_str_list(source, node, path)
+    if not algorithms:
+        source.fail(node, path, "name at least one algorithm")
     for algorithm in algorithms:
         if algorithm.lower() == "none":
             source.fail(node, path, "'none' is never accepted")

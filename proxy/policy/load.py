@@ -31,14 +31,11 @@ from proxy.policy.declare import Declared, Kind, Scope, declarations
 from proxy.policy.model import (
     Address,
     AuthProvider,
-    Firewall,
     Limits,
     Listen,
-    LogSettings,
     MessageRate,
     MessageRules,
     Policy,
-    Revocation,
     Route,
     TlsListen,
     UpstreamTls,
@@ -78,31 +75,40 @@ def read_keys(
         for declared in group:
             if declared.field_name in skip:
                 continue
-            found = locate(section, declared)
+            found = locate(section, declared, cls)
             if found is None:
-                if declared.key.required:
-                    source.fail(section.node, path, f"missing {declared.key.name!r}{declared.key.hint}")
+                _missing(section, declared)
                 continue
             container, name = found
             values[declared.field_name] = read_declared(source, container, name, declared, scope)
     return values, section
 
 
-def locate(section: Section, declared: Declared) -> tuple[Section, str] | None:
-    """The mapping holding ``declared``'s value and its name there, or None when the key is absent.
-    A dotted name (``messages.client``) is looked up in the nested mapping, whose keys are checked too."""
+def _missing(section: Section, declared: Declared) -> None:
+    """Refuse a required key that is absent; a dotted one (``admin.address``) is required only when its
+    parent mapping is present."""
+    key = declared.key
+    if not key.required:
+        return
+    first, _, rest = key.name.partition(".")
+    if not rest:
+        section.source.fail(section.node, section.path, f"missing {key.name!r}{key.hint}")
+    if first in section:
+        section.source.fail(section.node_of(first), section.child(first), f"missing {rest!r}{key.hint}")
+
+
+def locate(section: Section, declared: Declared, cls: type) -> tuple[Section, str] | None:
+    """The mapping holding ``declared``'s value (a key of ``cls``) and its name there, or None when the
+    key is absent. A dotted name (``messages.client``) is looked up in the nested mapping, whose keys are
+    checked too."""
     first, _, rest = declared.key.name.partition(".")
     if not rest:
         return (section, first) if first in section else None
     if first not in section:
         return None
-    siblings = [other.key.name.partition(".")[2] for other in section_keys(_owner(declared))[first]]
+    siblings = [other.key.name.partition(".")[2] for other in section_keys(cls)[first]]
     nested = Section(section.source, section.node_of(first), section.child(first), siblings)
     return (nested, rest) if rest in nested else None
-
-
-def _owner(declared: Declared) -> type:
-    return _OWNERS[declared.key.name, declared.field_name]
 
 
 def read_declared(
@@ -125,7 +131,7 @@ def read_kind(source: Source, node: yaml.Node, path: str, kind: Kind) -> Any:
     if kind.section is None:
         assert kind.read is not None
         return kind.read(source, node, path)
-    build = _SECTIONS[kind.section]
+    build = _SECTIONS.get(kind.section) or _plain(kind.section)
     if kind.many == "list":
         return tuple(build(source, item, item_path, None) for item, item_path in items(source, node, path))
     if kind.many == "map":
@@ -172,7 +178,7 @@ def read_limits(
 
 def _message_rules(source: Source, section: Section, name: str, base: MessageRules) -> MessageRules | None:
     declared = next(item for item in declarations(Route) if item.key.name == f"messages.{name}")
-    found = locate(section, declared)
+    found = locate(section, declared, Route)
     if found is None:
         return None
     container, key = found
@@ -302,22 +308,12 @@ def _listen(source: Source, node: yaml.Node, path: str, name: str | None) -> Lis
     return Listen(**values)
 
 
-#: How each section class is built from its node (its keys by :func:`read_keys`, then its own rules).
+#: Sections with rules of their own beyond their keys; any other section is built from its keys alone.
 _SECTIONS: dict[type, Any] = {
     Listen: _listen,
     TlsListen: _tls,
-    UpstreamTls: _plain(UpstreamTls),
-    Firewall: _plain(Firewall),
-    Revocation: _plain(Revocation),
-    LogSettings: _plain(LogSettings),
     AuthProvider: _provider,
 }
-_OWNERS: dict[tuple[str, str], type] = {
-    (declared.key.name, declared.field_name): cls
-    for cls in (Policy, Listen, TlsListen, Limits, Route, UpstreamTls, MessageRules, Firewall, AuthProvider,
-                Revocation, LogSettings)
-    for declared in declarations(cls)
-}  # fmt: skip
 
 
 # -- the file ---------------------------------------------------------------------------------------

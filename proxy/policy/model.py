@@ -647,6 +647,7 @@ class Policy:
         name="admin.address",
         help="the admin listener: metrics, health, policy",
         scopes=POLICY,
+        required=True,
     )
     #: Peers whose X-Forwarded-For is believed.
     trusted_proxies: tuple[IPNetwork, ...] = key(

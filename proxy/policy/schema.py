@@ -55,7 +55,7 @@ def _allowed(declared: Declared, scope: Scope | None) -> bool:
 
 def _description(declared: Declared) -> str:
     default = declared.default_text
-    if declared.key.required:
+    if declared.key.required and "." not in declared.key.name:
         return f"{declared.key.help} (required)"
     return f"{declared.key.help} (default: {default})" if default else declared.key.help
 
@@ -97,6 +97,8 @@ def _object(cls: type, scope: Scope | None, defs: dict[str, Any]) -> dict[str, A
                 first, {"type": "object", "properties": {}, "additionalProperties": False}
             )
             holder["properties"][rest] = schema
+            if declared.key.required:
+                holder.setdefault("required", []).append(rest)
             continue
         properties[first] = schema
         if declared.key.required:
@@ -143,7 +145,10 @@ def _rows(
                 continue
             yield from _rows(kind.section, path + ".", kind.scope, seen)
             continue
-        default = "(required)" if key.required else declared.default_text
+        default = declared.default_text
+        if key.required:
+            parent = key.name.partition(".")[0] if "." in key.name else ""
+            default = f"{default} (required in `{prefix}{parent}`)" if parent else "(required)"
         where, what = _where(declared), _bounds(declared) + key.help
         yield f"| `{path}` | {kind.name} | {default} | {where} | {what} |"
 

@@ -5,6 +5,7 @@ Each parser raises :class:`ValueError` with a short message; the loader adds the
 
 from __future__ import annotations
 
+import math
 import re
 
 #: The textual forms, also written into the policy's JSON Schema (these regular expressions mean the same
@@ -39,6 +40,8 @@ def parse_size(value: object) -> int:
             raise ValueError(f"unknown size unit in {value!r}: use KiB/MiB/GiB (1024-based)")
         raise ValueError(f"expected a size like 64KiB or 1MiB, got {value!r}")
     size = float(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    if not math.isfinite(size):
+        raise ValueError(f"{value!r} is too large a size")
     if size != int(size):
         raise ValueError(f"{value!r} is not a whole number of bytes")
     return int(size)
@@ -55,7 +58,10 @@ def parse_duration(value: object) -> float:
     match = _DURATION.match(value)
     if match is None:
         raise ValueError(f"expected a duration with a unit, like 30s, 5m or 100ms, got {value!r}")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is too long a duration")
+    return seconds
 
 
 def parse_rate(value: object) -> float:
@@ -66,6 +72,8 @@ def parse_rate(value: object) -> float:
     if match is None:
         raise ValueError(f"expected a rate like 20/s or 600/m, got {value!r}")
     rate = float(match.group(1)) / _PER[match.group(2)]
+    if not math.isfinite(rate):
+        raise ValueError(f"{value!r} is too high a rate")
     if rate <= 0:
         raise ValueError("a rate must be above zero")
     return rate

@@ -156,3 +156,25 @@ def test_readme_carries_the_generated_policy_reference():
     assert start in readme and end in readme
     block = readme.split(start, 1)[1].split(end, 1)[0]
     assert block.strip() == reference_table().strip(), "regenerate it with: wsgate schema --format markdown"
+
+
+def test_an_empty_algorithm_list_is_refused_by_the_loader_as_by_the_schema(monkeypatch):
+    monkeypatch.setenv("WSGATE_DECLARATION_SECRET", "x" * 40)
+    document = {
+        "version": 1,
+        "auth": {"p": {"secret_env": "WSGATE_DECLARATION_SECRET", "algorithms": []}},
+        "routes": [{"path": "/a", "upstream": "ws://x/", "auth": "p"}],
+    }
+    with pytest.raises(PolicyError, match=r"auth\.p\.algorithms: name at least one algorithm"):
+        parse_policy(yaml.safe_dump(document))
+    assert not VALIDATOR.is_valid(document)
+
+
+ROUTE = "routes: [{path: /a, upstream: 'ws://x/', auth: none}]\n"
+
+
+@pytest.mark.parametrize("text", ["9" * 400 + "s", "9" * 400 + "/s"], ids=["duration", "rate"])
+def test_an_absurd_duration_or_rate_is_a_policy_error(text):
+    key = "idle_timeout" if text.endswith("s") and "/" not in text else "handshakes_per_ip"
+    with pytest.raises(PolicyError, match=rf"limits\.{key}: .* too"):
+        parse_policy(f"version: 1\nlimits: {{{key}: '{text}'}}\n" + ROUTE)
