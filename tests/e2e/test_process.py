@@ -153,6 +153,8 @@ async def test_serve_relays_and_logs_one_json_line_per_open_close_and_rejection(
     )
     for line in process.lines:  # every line on stdout is one JSON object
         assert isinstance(json.loads(line), dict), line
+    masks = [json.loads(line) for line in process.lines if '"gateway.mask"' in line]
+    assert [line.get("implementation") for line in masks] == ["aiohttp-cython"]  # said once, at start
     process.signal(signal.SIGTERM)
     assert await process.wait_exit() == 0
 
