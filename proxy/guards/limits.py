@@ -2,8 +2,8 @@
 
 Each limit has up to two levels. The policy-wide one is shared by every route (keys ``hs:{ip}``,
 ``ip:{ip}``, ``sub:{provider}:{subject}``). A route that sets the limit in its own ``limits`` section also
-has its own bucket, keyed by route and client (``hs:{route}:{ip}``, ``ip:{route}:{ip}``,
-``sub:{route}:{provider}:{subject}``). Both apply where both are set; the route's is checked first, so a
+has its own bucket, keyed by route and client (``hs:{route}#{ip}``, ``ip:{route}#{ip}``,
+``sub:{route}#{provider}:{subject}``). Both apply where both are set; the route's is checked first, so a
 handshake its route refuses costs nothing of the policy-wide budget.
 
 Slots are taken through the context's :class:`~proxy.guards.slots.LimiterSlots`, which gives them back when
@@ -39,7 +39,8 @@ def address_key(context: HandshakeContext) -> str:
 class Level(NamedTuple):
     """One level of a limit: whose it is, and the limits that hold its value."""
 
-    #: Inserted into the limiter key: "" for the policy-wide level, "{route.path}:" for the route's own.
+    #: Inserted into the limiter key: "" for the policy-wide level, "{route.path}#" for the route's own
+    #: (a route path holds no "#", so one route's keys never meet another's, whatever follows).
     scope: str
     limits: Limits
     #: Appended to the refusal's detail: "" or " on this route".
@@ -56,7 +57,7 @@ def levels(route: Route, policy: Policy, field: str) -> list[Level]:
     found = []
     own = field in route.own_limits or not _ALSO_OWN.get(field, frozenset()).isdisjoint(route.own_limits)
     if own and getattr(route.limits, field) is not None:
-        found.append(Level(f"{route.path}:", route.limits, " on this route"))
+        found.append(Level(f"{route.path}#", route.limits, " on this route"))
     if getattr(policy.limits, field) is not None:
         found.append(Level("", policy.limits, ""))
     return found
