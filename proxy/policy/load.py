@@ -303,14 +303,8 @@ def _check_public_key(section: Section, pem: bytes, algorithms: tuple[str, ...])
         section.fail("public_key_file", f"a {family} key cannot verify {', '.join(wrong)}")
 
 
-def _listen(source: Source, node: yaml.Node, path: str, name: str | None) -> Listen:
-    values, _section = read_keys(source, node, path, Listen)
-    return Listen(**values)
-
-
 #: Sections with rules of their own beyond their keys; any other section is built from its keys alone.
 _SECTIONS: dict[type, Any] = {
-    Listen: _listen,
     TlsListen: _tls,
     AuthProvider: _provider,
 }
