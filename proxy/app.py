@@ -132,6 +132,7 @@ class Gateway:
             routes=[route.path for route in self.policy.routes],
             policy_sha256=self.policy.sha256[:12],
         )
+        self._warn(self.policy)
         return self.address
 
     def reload_files(self) -> None:
@@ -159,7 +160,14 @@ class Gateway:
         self.policy = policy
         self.metrics.policy_loaded(policy)
         self._prefetch_keys()
+        self._warn(policy)
         return enforce(self.sessions, policy)
+
+    @staticmethod
+    def _warn(policy: Policy) -> None:
+        """Log what the loader warned about (a key that does nothing), once per policy applied."""
+        for warning in policy.warnings:
+            logs.event("policy.warning", logging.WARNING, warning=warning)
 
     def _prefetch_keys(self) -> None:
         """Fetch every JWKS not fetched yet, in the background: the first handshakes need not wait for

@@ -165,12 +165,28 @@ def _tls(source: Source, node: yaml.Node, path: str, name: str | None) -> TlsLis
     return tls
 
 
+#: Bursts and the rates they belong to: a burst set where no rate applies does nothing, and is warned about.
+_BURSTS = (
+    ("handshake_burst", "handshakes_per_ip"),
+    ("message_burst", "messages_per_connection"),
+    ("byte_burst", "bytes_per_connection"),
+)
+
+
 def read_limits(
     source: Source, node: yaml.Node, path: str, base: Limits, scope: Scope
 ) -> tuple[Limits, frozenset[str]]:
     """A ``limits`` section over ``base``: the merged limits and the fields this section set."""
-    values, _section = read_keys(source, node, path, Limits, scope)
+    values, section = read_keys(source, node, path, Limits, scope)
     limits = replace(base, **values)
+    for burst, rate in _BURSTS:
+        if burst in values and getattr(limits, rate) is None:
+            name = _declared(Limits, burst).key.name
+            source.warn(
+                section.node_of(name),
+                section.child(name),
+                f"does nothing without {_declared(Limits, rate).key.name}",
+            )
     if limits.bytes_per_connection is not None and limits.byte_burst < 1:
         limits = replace(limits, byte_burst=max(int(limits.bytes_per_connection), limits.max_message_bytes))
     return limits, frozenset(values)
@@ -318,6 +334,7 @@ def parse_policy(text: str | bytes, source: Path | None = None, require_secrets:
 
     ``require_secrets=False`` (``wsgate check``, ``wsgate explain``) accepts a provider whose
     ``secret_env`` is not set, with a warning in :attr:`Policy.warnings`, and leaves its secret unset.
+    Keys that do nothing (a burst without its rate) are warned about there too.
 
     Raises:
         PolicyError: the first problem found, with file, line and key path.

@@ -693,8 +693,9 @@ class Policy:
     #: The file it came from (None when parsed from a string), and the sha256 of its bytes.
     source: Path | None = derived("the file read", None)
     sha256: str = derived("the file's bytes", "")
-    #: What ``check`` warns about: a secret's environment variable not set (``serve`` refuses the file).
-    warnings: tuple[str, ...] = derived("the loader, when secrets need not be present", ())
+    #: What the loader warns about, as ``file:line: key: message``: a key that does nothing, and (for
+    #: ``check`` and ``explain``) a secret's environment variable not set, which ``serve`` refuses.
+    warnings: tuple[str, ...] = derived("the loader", ())
 
     def provider(self, name: str) -> AuthProvider:
         """The auth provider called ``name`` (the loader guarantees every route's provider exists)."""

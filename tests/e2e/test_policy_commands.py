@@ -131,3 +131,40 @@ def test_explain_with_a_token_it_cannot_verify_here_says_so_after_the_steps_it_c
     refused = run(WSGATE, "explain", "-c", str(secret_policy), "--ip", "192.0.2.9", "--token", token, "/chat")
     assert refused.returncode == 2
     assert "answer    403 firewall" in refused.stdout
+
+
+def test_check_warns_about_a_burst_that_does_nothing_without_its_rate(tmp_path):
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "version: 1\n"
+        "limits:\n"
+        "  handshake_burst: 5\n"
+        "routes:\n"
+        "  - path: /a\n"
+        "    upstream: ws://127.0.0.1:9/\n"
+        "    auth: none\n"
+        "    limits: {messages_per_connection: 10/s, message_burst: 20, byte_burst: 1MiB}\n"
+    )
+    result = run(WSGATE, "check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"warning: {path}:3: limits.handshake_burst: does nothing without handshakes_per_ip",
+        f"warning: {path}:8: routes[0].limits.byte_burst: does nothing without bytes_per_connection",
+    ]
+
+
+async def test_serve_logs_the_policy_warnings_at_start(gateway, upstream, log_events):
+    await gateway(
+        f"""
+    limits: {{message_burst: 5}}
+    routes:
+      - path: /echo
+        upstream: {upstream.url()}
+        auth: none
+    """
+    )
+    warnings = log_events.named("policy.warning")
+    assert len(warnings) == 1 and warnings[0]["level"] == "warning"
+    assert warnings[0]["warning"].endswith(
+        "limits.message_burst: does nothing without messages_per_connection"
+    )
