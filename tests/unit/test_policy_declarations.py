@@ -178,3 +178,15 @@ def test_an_absurd_duration_or_rate_is_a_policy_error(text):
     key = "idle_timeout" if text.endswith("s") and "/" not in text else "handshakes_per_ip"
     with pytest.raises(PolicyError, match=rf"limits\.{key}: .* too"):
         parse_policy(f"version: 1\nlimits: {{{key}: '{text}'}}\n" + ROUTE)
+
+
+def test_the_committed_schema_is_the_generated_one():
+    committed = json.loads((ROOT / "docs" / "policy.schema.json").read_text())
+    assert committed == policy_schema(), "regenerate it with: wsgate schema > docs/policy.schema.json"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "policies").glob("*.yaml")), ids=lambda path: path.name)
+def test_every_example_policy_names_the_schema_for_editors(path):
+    first = path.read_text().splitlines()[0]
+    assert first == "# yaml-language-server: $schema=../docs/policy.schema.json"
+    assert (path.parent / "../docs/policy.schema.json").resolve().is_file()
