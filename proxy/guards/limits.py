@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -110,50 +111,55 @@ class HandshakeRateGuard(TrafficGuard):
         return _describe(route, policy, "handshakes_per_ip", _rate_text, "depends on traffic")
 
 
-class ConnectionsPerIpGuard(TrafficGuard):
-    name = "connections per IP"
+class _CapGuard(TrafficGuard):
+    """Concurrent sessions per client (a cap's limiter slots are held until the session ends): the cap of
+    ``field`` at each of its levels, counted under :meth:`counted`."""
+
     not_rejudged = _FUTURE_ONLY
+    #: The :class:`Limits` field holding the cap, the limiter key's prefix, and what one count is of (for
+    #: the refusal's detail).
+    field: str
+    key_prefix: str
+    per: str
+
+    @abstractmethod
+    def counted(self, context: HandshakeContext) -> str | None:
+        """The limiter key's client part, or None when this handshake has nothing to count."""
 
     async def check(self, context: HandshakeContext) -> Rejection | None:
-        """429 ``conn_limit`` when the IP already has ``connections_per_ip`` sessions."""
-        found = levels(context.route, context.policy, "connections_per_ip")
-        if not found:
+        """429 ``conn_limit`` when the client already holds the cap's sessions at any level."""
+        found = levels(context.route, context.policy, self.field)
+        client = self.counted(context) if found else None
+        if client is None:
             return None
-        address = address_key(context)
         for scope, limits, where in found:
-            cap = limits.connections_per_ip
-            assert cap is not None
-            if not await context.slots.acquire(f"ip:{scope}{address}", cap):
-                return _over_cap(f"at most {cap} connections per address{where}")
+            cap = getattr(limits, self.field)
+            if not await context.slots.acquire(f"{self.key_prefix}:{scope}{client}", cap):
+                return _over_cap(f"at most {cap} connections per {self.per}{where}")
         return None
 
     def configured(self, route: Route, policy: Policy) -> str:
-        return _describe(
-            route, policy, "connections_per_ip", _cap_text("connections_per_ip"), "depends on live sessions"
-        )
+        return _describe(route, policy, self.field, _cap_text(self.field), "depends on live sessions")
 
 
-class ConnectionsPerSubjectGuard(TrafficGuard):
+class ConnectionsPerIpGuard(_CapGuard):
+    name = "connections per IP"
+    field = "connections_per_ip"
+    key_prefix = "ip"
+    per = "address"
+
+    def counted(self, context: HandshakeContext) -> str | None:
+        return address_key(context)
+
+
+class ConnectionsPerSubjectGuard(_CapGuard):
     name = "connections per subject"
-    not_rejudged = _FUTURE_ONLY
+    field = "connections_per_subject"
+    key_prefix = "sub"
+    per = "user"
 
-    async def check(self, context: HandshakeContext) -> Rejection | None:
-        """429 ``conn_limit`` when the token's subject already has ``connections_per_subject`` sessions."""
+    def counted(self, context: HandshakeContext) -> str | None:
         identity = context.identity
         if identity is None or identity.subject is None:
             return None
-        for scope, limits, where in levels(context.route, context.policy, "connections_per_subject"):
-            cap = limits.connections_per_subject
-            assert cap is not None
-            if not await context.slots.acquire(f"sub:{scope}{identity.provider}:{identity.subject}", cap):
-                return _over_cap(f"at most {cap} connections per user{where}")
-        return None
-
-    def configured(self, route: Route, policy: Policy) -> str:
-        return _describe(
-            route,
-            policy,
-            "connections_per_subject",
-            _cap_text("connections_per_subject"),
-            "depends on live sessions",
-        )
+        return f"{identity.provider}:{identity.subject}"

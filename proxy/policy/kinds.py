@@ -370,7 +370,7 @@ BYTE_RATE = Kind(
     show=lambda value: f"{format_size(int(value))}/s",
 )
 STRINGS = Kind("string or list", read_str_list, _STRINGS)
-STRING_SET = Kind("list of strings", read_str_set, {"anyOf": [_STRING, {"type": "array", "items": _STRING}]})
+STRING_SET = Kind("list of strings", read_str_set, _STRINGS)
 FILE = Kind("file", read_file, _STRING)
 NEW_FILE = Kind("file (may not exist yet)", read_new_file, _STRING)
 CA_FILE = Kind("PEM file", read_ca_file, _STRING)
