@@ -67,6 +67,7 @@ class Leg(asyncio.Protocol):
         "_keepalive",
         "_ping_queued_after",
         "_ping_sent_at",
+        "_resumed_at",
         "backlogged",
         "close_received",
         "close_sent",
@@ -106,6 +107,9 @@ class Leg(asyncio.Protocol):
         #: When this side last sent any byte (monotonic): keepalive pings only a quiet side.
         self.last_received = _monotonic()
         self._ping_sent_at = 0.0
+        #: When reading this side last resumed after a pause (monotonic): what it sent meanwhile waits
+        #: in the socket, unread, so its silence since then says nothing yet.
+        self._resumed_at = 0.0
         #: The close frame payload this side gets for what it broke, once it broke something.
         self._failure: builtins.bytes | None = None
         self._close_timer: asyncio.TimerHandle | None = None
@@ -191,6 +195,7 @@ class Leg(asyncio.Protocol):
             if not self.reader.discarding:
                 return
             self.throttled = False
+        self._resumed_at = _monotonic()
         self.transport.resume_reading()
 
     def _next_turn(self) -> None:
@@ -253,7 +258,13 @@ class Leg(asyncio.Protocol):
         if self.reader.ping_payload is not None and self._ping_sent_at:
             # A ping is out and ping_timeout has passed. Bytes after the ping prove the side is there
             # (its pong may wait behind them), and so does a side the gateway stopped reading.
-            if self.last_received <= self._ping_sent_at and not self.throttled:
+            if self.last_received <= self._ping_sent_at:
+                if self.throttled or self._resumed_at > self._ping_sent_at:
+                    # The gateway did not read this side for some of the time: what it sent meanwhile,
+                    # its pong too, waits unread in the socket. Judge it on a whole ping_timeout of reading.
+                    self._ping_sent_at = now
+                    self._keepalive = loop.call_later(limits.ping_timeout, self._keepalive_due)
+                    return
                 drained = self._drained()
                 behind_data = self._drained_at_ping < self._ping_queued_after
                 if not behind_data or drained <= self._drained_at_ping:
