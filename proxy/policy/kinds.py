@@ -169,6 +169,23 @@ def read_http_url(source: Source, node: yaml.Node, path: str) -> str:
     return url
 
 
+def read_redis_url(source: Source, node: yaml.Node, path: str) -> str:
+    url = read_str(source, node, path)
+    try:
+        split = urlsplit(url)
+        split.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        source.fail(node, path, f"expected a redis:// or rediss:// URL, got {url!r}")
+    if split.scheme not in ("redis", "rediss") or not split.hostname:
+        source.fail(node, path, f"expected a redis:// or rediss:// URL, got {url!r}")
+    if split.password:
+        source.fail(node, path, "the URL must not hold a password: set password_env")
+    database = split.path.lstrip("/")
+    if database and not database.isdigit():
+        source.fail(node, path, f"the URL's path is the database number, got {split.path!r}")
+    return url
+
+
 def read_ca_file(source: Source, node: yaml.Node, path: str) -> Path:
     ca_file = read_file(source, node, path)
     try:
@@ -380,6 +397,9 @@ ADDRESS = Kind(
 )
 NETWORKS = Kind("CIDR or list", read_networks, _CIDRS)
 UPSTREAM_URL = Kind("ws:// or wss:// URL", read_upstream, {"type": "string", "pattern": "^wss?://[^#]+$"})
+REDIS_URL = Kind(
+    "redis:// or rediss:// URL", read_redis_url, {"type": "string", "pattern": "^rediss?://[^:@/]"}
+)
 HTTP_URL = Kind("http(s):// URL", read_http_url, {"type": "string", "pattern": "^https?://"})
 ROUTE_PATH = Kind("path", read_route_path, {"type": "string", "pattern": "^/[^?# \t]*$"})
 AUTH_NAME = Kind(

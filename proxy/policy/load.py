@@ -36,6 +36,7 @@ from proxy.policy.model import (
     MessageRate,
     MessageRules,
     Policy,
+    RedisLimiter,
     Route,
     TlsListen,
     UpstreamTls,
@@ -281,6 +282,31 @@ def _provider(source: Source, node: yaml.Node, path: str, name: str | None) -> A
     return AuthProvider(name=name, **values)
 
 
+def _environment(source: Source, node: yaml.Node, path: str, variable: str) -> str | None:
+    """The value of environment variable ``variable`` that key ``path`` names. Unset or empty: refused
+    by ``serve``, a warning (and None) for ``check`` and ``explain``."""
+    value = os.environ.get(variable)
+    if value:
+        return value
+    if source.require_secrets:
+        source.fail(node, path, f"environment variable {variable} is not set")
+    source.warn(
+        node, path, f"environment variable {variable} is not set; wsgate serve would refuse this policy"
+    )
+    return None
+
+
+def _redis(source: Source, node: yaml.Node, path: str, name: str | None) -> RedisLimiter:
+    values, section = read_keys(source, node, path, RedisLimiter)
+    variable = values.get("password_env")
+    if variable is not None:
+        where = section.node_of("password_env"), section.child("password_env")
+        values["password"] = _environment(source, *where, variable)
+    if values.get("ca_file") is not None and not values["url"].startswith("rediss://"):
+        section.fail("ca_file", "a CA file verifies a rediss:// (TLS) server; the url is redis://")
+    return RedisLimiter(**values)
+
+
 def _secret(source: Source, section: Section, variable: str) -> bytes | None:
     value = os.environ.get(variable)
     if not value:
@@ -323,6 +349,7 @@ def _check_public_key(section: Section, pem: bytes, algorithms: tuple[str, ...])
 _SECTIONS: dict[type, Any] = {
     TlsListen: _tls,
     AuthProvider: _provider,
+    RedisLimiter: _redis,
 }
 
 
@@ -382,6 +409,11 @@ def _parse_root(origin: Source, root: yaml.Node | None, raw: bytes, source: Path
         origin.fail(
             top.node_of("listen"), "listen.address", f"must differ from admin.address ({admin} by default)"
         )
+    token_variable = values.get("admin_token_env")
+    if token_variable is not None:
+        admin_section = Section(origin, top.node_of("admin"), "admin", ["address", "token_env"])
+        where = admin_section.node_of("token_env"), "admin.token_env"
+        values["admin_token"] = _environment(origin, *where, token_variable)
     limits = Limits()
     if "limits" in top:
         limits, _own = read_limits(origin, top.node_of("limits"), "limits", limits, Scope.POLICY)

@@ -44,6 +44,7 @@ __all__ = [
     "FirewallRule",
     "IPAddress",
     "IPNetwork",
+    "LimiterSettings",
     "Limits",
     "Listen",
     "LogSettings",
@@ -51,6 +52,7 @@ __all__ = [
     "MessageRules",
     "OriginPattern",
     "Policy",
+    "RedisLimiter",
     "Revocation",
     "Route",
     "TlsListen",
@@ -629,6 +631,65 @@ class Revocation:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisLimiter:
+    """The Redis that replicas (and workers) share limiter state through."""
+
+    url: str = key(
+        kind=kinds.REDIS_URL,
+        help="redis:// or rediss:// (TLS) URL, with the database number as its path",
+        scopes=POLICY,
+        required=True,
+    )
+    key_prefix: str = key(
+        "wsgate:", kind=kinds.STRING, help="prefix of every key and channel wsgate uses", scopes=POLICY
+    )
+    timeout: float = key(
+        0.05,
+        kind=kinds.DURATION,
+        help="a decision Redis has not answered within this follows on_error",
+        scopes=POLICY,
+        minimum=0.001,
+        maximum=10.0,
+        bounds="must be between 1ms and 10s",
+    )
+    #: The password, read from the environment variable ``password_env`` at load time.
+    password: str | None = derived("the environment variable password_env", None, repr=False)
+    password_env: str | None = key(
+        None, kind=kinds.STRING, help="environment variable holding the Redis password", scopes=POLICY
+    )
+    ca_file: Path | None = key(
+        None, kind=kinds.CA_FILE, help="CA bundle verifying a rediss:// server", scopes=POLICY
+    )
+    lease_ttl: float = key(
+        30.0,
+        kind=kinds.DURATION,
+        help="a connection slot not refreshed for this long is free again (a replica that died)",
+        scopes=POLICY,
+        minimum=1.0,
+        maximum=3600.0,
+        bounds="must be between 1s and 1h",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterSettings:
+    """Where handshake rates and connection caps are counted: in this process, or in a shared Redis."""
+
+    redis: RedisLimiter | None = key(
+        None,
+        kind=kinds.section(RedisLimiter),
+        help="share rates and caps with every replica through Redis (default: in this process)",
+        scopes=POLICY,
+    )
+    on_error: Literal["allow", "deny"] = key(
+        "allow",
+        kind=kinds.choice("allow", "deny"),
+        help="a decision Redis cannot make in time: allow (fail open) or deny (fail closed, 503)",
+        scopes=POLICY,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """A whole policy file, valid and ready to serve."""
 
@@ -648,6 +709,21 @@ class Policy:
         help="the admin listener: metrics, health, policy",
         scopes=POLICY,
         required=True,
+    )
+    admin_token_env: str | None = key(
+        None,
+        kind=kinds.STRING,
+        name="admin.token_env",
+        help="environment variable holding the bearer token of /sessions (unset: those endpoints are 404)",
+        scopes=POLICY,
+    )
+    #: The bearer token, read from the environment variable ``admin.token_env`` at load time.
+    admin_token: str | None = derived("the environment variable admin.token_env", None, repr=False)
+    limiter: LimiterSettings = key(
+        kind=kinds.section(LimiterSettings),
+        help="where rates and connection caps are counted",
+        scopes=POLICY,
+        default_factory=lambda: LimiterSettings(),
     )
     #: Peers whose X-Forwarded-For is believed.
     trusted_proxies: tuple[IPNetwork, ...] = key(

@@ -15,11 +15,13 @@ from proxy.policy.declare import Declared, Kind, Scope, declarations
 from proxy.policy.model import (
     AuthProvider,
     Firewall,
+    LimiterSettings,
     Limits,
     Listen,
     LogSettings,
     MessageRules,
     Policy,
+    RedisLimiter,
     Revocation,
     Route,
     TlsListen,
@@ -39,6 +41,8 @@ SECTION_CLASSES: tuple[type, ...] = (
     AuthProvider,
     Revocation,
     LogSettings,
+    LimiterSettings,
+    RedisLimiter,
 )
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
