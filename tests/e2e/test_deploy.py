@@ -25,7 +25,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.policy.load import parse_policy
@@ -596,6 +596,12 @@ def test_the_dockerfile_builds_in_two_stages_and_runs_unprivileged():
     for source in (arguments.split()[0] for arguments in by_name["COPY"] if not arguments.startswith("--")):
         assert (REPO / source).exists(), source
 
+    build = instructions[: [i for i, (name, _) in enumerate(instructions) if name == "FROM"][-1]]
+    build_env = " ".join(arguments for instruction, arguments in build if instruction == "ENV")
+    assert "PIP_NO_CACHE_DIR=1" in build_env
+    steps = " ".join(arguments for instruction, arguments in build if instruction == "RUN")
+    assert "python -m venv /opt/venv" in steps and "pip wheel" in steps
+
 
 @pytest.mark.serve_process
 async def test_the_dockerfile_healthcheck_passes_against_wsgate_and_fails_without(tmp_path, wsgate_process):
@@ -654,6 +660,35 @@ def test_compose_runs_the_compose_policy_against_its_own_services():
     echo = services["echo"]
     assert echo["entrypoint"][:2] == ["python", "-c"]
     assert 'start_echo_upstream("0.0.0.0", 8000)' in echo["entrypoint"][2]
-    compile(echo["entrypoint"][2], "echo", "exec")
+    policy_limits = parse_policy(
+        (DEPLOY / "compose" / "policy.yaml").read_text(), require_secrets=False
+    ).limits
+    grace = re.fullmatch(r"(\d+)s", services["wsgate"]["stop_grace_period"])
+    assert grace and int(grace.group(1)) >= policy_limits.drain_timeout + 5
     prometheus_mounts = dict(volume.split(":")[:2] for volume in services["prometheus"]["volumes"])
     assert prometheus_mounts["./prometheus/alerts.yaml"] == "/etc/prometheus/alerts.yaml"
+
+
+async def test_the_compose_echo_service_echoes(tmp_path, wsgate_process):
+    """The echo service's program, as compose runs it (on a free port here)."""
+    program = compose()["services"]["echo"]["entrypoint"][2]
+    port = free_port()
+    echo = subprocess.Popen(
+        [sys.executable, "-c", program.replace("8000", str(port))], cwd=tmp_path, stdin=subprocess.DEVNULL
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):
+                try:
+                    ws = await session.ws_connect(f"ws://127.0.0.1:{port}/")
+                    break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the echo service did not listen")
+            await ws.send_str("hello")
+            assert (await ws.receive(timeout=5)).data == "hello"
+            await ws.close()
+    finally:
+        echo.kill()
+        echo.wait(5)
