@@ -669,7 +669,7 @@ def test_compose_runs_the_compose_policy_against_its_own_services():
     assert prometheus_mounts["./prometheus/alerts.yaml"] == "/etc/prometheus/alerts.yaml"
 
 
-async def test_the_compose_echo_service_echoes(tmp_path, wsgate_process):
+async def test_the_compose_echo_service_echoes(tmp_path):
     """The echo service's program, as compose runs it (on a free port here)."""
     program = compose()["services"]["echo"]["entrypoint"][2]
     port = free_port()
