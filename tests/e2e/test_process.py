@@ -54,7 +54,7 @@ def test_check_accepts_every_example_policy(path):
 
 
 def test_check_accepts_the_kubernetes_configmap_policy(tmp_path):
-    documents = list(yaml.safe_load_all((REPO / "deploy" / "kubernetes.yaml").read_text()))
+    documents = list(yaml.safe_load_all((REPO / "deploy" / "kubernetes" / "configmap.yaml").read_text()))
     configmap = next(document for document in documents if document["kind"] == "ConfigMap")
     policy = tmp_path / "policy.yaml"
     policy.write_text(configmap["data"]["policy.yaml"])

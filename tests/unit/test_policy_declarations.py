@@ -124,7 +124,7 @@ def test_every_example_policy_validates_against_the_schema(path):
 
 
 def test_the_kubernetes_policy_validates_against_the_schema():
-    documents = yaml.safe_load_all((ROOT / "deploy" / "kubernetes.yaml").read_text())
+    documents = yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "configmap.yaml").read_text())
     configmap = next(document for document in documents if document["kind"] == "ConfigMap")
     assert list(VALIDATOR.iter_errors(yaml.safe_load(configmap["data"]["policy.yaml"]))) == []
 
