@@ -83,18 +83,18 @@ class Selector:
         return cls(**given)
 
     @classmethod
-    def from_query(cls, query: Mapping[str, str], keys: Iterable[str]) -> Selector:
-        """A selector from URL query parameters; ``keys`` lists every key as sent, to refuse repeats.
+    def from_query(cls, pairs: Iterable[tuple[str, str]]) -> Selector:
+        """A selector from URL query parameters, as ``(key, value)`` pairs in the order sent.
 
         Raises:
             AdminRequestError: as :meth:`from_mapping`, and for a parameter given twice.
         """
-        seen: set[str] = set()
-        for key in keys:
-            if key in seen:
+        values: dict[str, str] = {}
+        for key, value in pairs:
+            if key in values:
                 raise AdminRequestError(f"query parameter {key!r} given more than once")
-            seen.add(key)
-        return cls.from_mapping(query)
+            values[key] = value
+        return cls.from_mapping(values)
 
     @property
     def empty(self) -> bool:
