@@ -30,9 +30,9 @@ from prometheus_client.exposition import choose_encoder
 from proxy import logs
 from proxy.accept import Acceptor, bind_sockets
 from proxy.admin_page import PolicyInfo, StatusHistory, load_page, status
+from proxy.errors import AdminRequestError
 from proxy.policy.model import Address, Policy
 from proxy.session_control import (
-    AdminRequestError,
     CloseSessions,
     Selector,
     close_request,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import TYPE_CHECKING, Any
 
-from proxy.errors import Close, CloseCode, WsgateError
+from proxy.errors import AdminRequestError, Close, CloseCode
 from proxy.metrics import FROM_CLIENT, FROM_UPSTREAM
 
 if TYPE_CHECKING:
@@ -34,10 +34,6 @@ DEFAULT_REASON = "closed by operator"
 #: says what it did as a JSON-ready dict with at least ``closed`` (how many sessions it closed). A
 #: fan-out across replicas adds what it knows (``replicas``); the admin API answers with the dict as is.
 CloseSessions = Callable[["Selector", str], Awaitable[dict[str, Any]]]
-
-
-class AdminRequestError(WsgateError):
-    """An admin request that is refused as it stands (HTTP 400): ``str(error)`` says why."""
 
 
 @dataclass(frozen=True, slots=True)
