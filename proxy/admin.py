@@ -94,8 +94,10 @@ class AdminServer:
         app.router.add_get("/policy", self.policy)
         app.router.add_get("/", self.index)
         app.router.add_get("/status.json", self.status)
-        app.router.add_get("/sessions", self.sessions)
-        app.router.add_post("/sessions/close", self.close_sessions)
+        # Any method: the token check comes first, so that without admin.token_env a wrong method is
+        # 404 like any unknown path rather than a 405 that tells the path exists.
+        app.router.add_route("*", "/sessions", self.sessions)
+        app.router.add_route("*", "/sessions/close", self.close_sessions)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         try:
@@ -107,6 +109,7 @@ class AdminServer:
         self._acceptor.start()
         self.address = Address(*self._acceptor.address)
         self._sampler = asyncio.get_running_loop().create_task(self._sample_periodically())
+        self._sampler.add_done_callback(self._sampler_done)
         return self.address
 
     async def _sample_periodically(self) -> None:
@@ -114,6 +117,12 @@ class AdminServer:
         while True:
             self.history.sample(self.registry.collect())
             await asyncio.sleep(self.history.interval)
+
+    def _sampler_done(self, task: asyncio.Task[None]) -> None:
+        # Only a bug ends the sampler early: said once; /status.json then shows what history it has.
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            logs.LOGGER.error("admin.sampler_failed", exc_info=error)
 
     def _accepted(self, sock: socket.socket) -> None:
         server = self._runner.server if self._runner is not None else None
@@ -205,12 +214,13 @@ class AdminServer:
 
     # -- sessions (token-protected) -------------------------------------------------------------------
 
-    def _authorize(self, request: web.Request) -> None:
-        """Let the request through only with the active policy's admin token.
+    def _authorize(self, request: web.Request, method: str) -> None:
+        """Let the request through only with the active policy's admin token, then only by ``method``.
 
         Raises:
             web.HTTPNotFound: the policy sets no admin token: these paths do not exist.
             web.HTTPUnauthorized: no bearer token, or another one.
+            web.HTTPMethodNotAllowed: the right token, another method than ``method``.
         """
         policy = self.state.policy()
         if policy.admin_token_env is None:
@@ -223,10 +233,12 @@ class AdminServer:
         given = offered.strip().encode("utf-8", "surrogateescape")
         if not expected or not hmac.compare_digest(given, expected.encode("utf-8")):
             raise _unauthorized('Bearer realm="wsgate admin", error="invalid_token"', "wrong token")
+        if request.method != method and not (method == "GET" and request.method == "HEAD"):
+            raise web.HTTPMethodNotAllowed(request.method, [method])
 
     async def sessions(self, request: web.Request) -> web.Response:
         """The live sessions the query's selector names (all without one), oldest first."""
-        self._authorize(request)
+        self._authorize(request, "GET")
         try:
             selector = Selector.from_query(request.query.items())
         except AdminRequestError as error:
@@ -236,13 +248,14 @@ class AdminServer:
 
     async def close_sessions(self, request: web.Request) -> web.Response:
         """Close the sessions the body's selector names with 1008 and its reason: ``{"closed": N, ...}``."""
-        self._authorize(request)
+        self._authorize(request, "POST")
         if request.content_length is not None and request.content_length > MAX_ADMIN_BODY:
             raise web.HTTPRequestEntityTooLarge(MAX_ADMIN_BODY, request.content_length)
         raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
+        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors;
+            # RecursionError: a body of nothing but brackets, nested deeper than the decoder goes.
             return _bad_request("the body must be a JSON object")
         try:
             selector, reason = close_request(body)

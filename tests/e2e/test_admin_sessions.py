@@ -105,7 +105,12 @@ async def test_without_token_env_the_session_endpoints_do_not_exist(gateway, ups
     async with client.get(admin_url(gw, "/no-such-path")) as response:
         unknown = (response.status, await response.text())
     assert unknown[0] == 404
-    for method, path in (("GET", "/sessions"), ("POST", "/sessions/close")):
+    for method, path in (
+        ("GET", "/sessions"),
+        ("POST", "/sessions/close"),
+        ("GET", "/sessions/close"),
+        ("DELETE", "/sessions"),
+    ):
         async with client.request(method, admin_url(gw, path), headers=authorized(), json={}) as response:
             assert (response.status, await response.text()) == unknown
             assert "WWW-Authenticate" not in response.headers
@@ -131,6 +136,10 @@ async def test_missing_or_wrong_token_is_401_and_never_logged(gateway, upstream,
             ) as response:
                 assert response.status == 401
         assert not ws.closed
+        async with client.get(admin_url(gw, "/sessions/close"), headers=authorized()) as response:
+            assert response.status == 405  # the right token learns the method; others learn nothing
+        async with client.get(admin_url(gw, "/sessions/close")) as response:
+            assert response.status == 401
         status, answer = await close(client, gw, {"subject": "nobody"})
         assert (status, answer) == (200, {"closed": 0})
     await log_events.wait_for("admin.sessions_closed", subject="nobody", closed=0)
@@ -222,6 +231,7 @@ async def test_close_by_subject_closes_both_sides_with_1008_and_leaves_others(
         (b"not json", 400, "the body must be a JSON object"),
         (b"\xff\xfe", 400, "the body must be a JSON object"),
         (b"", 400, "the body must be a JSON object"),
+        (b"[" * 15000, 400, "the body must be a JSON object"),
         ([{"subject": "alice"}], 400, "the body must be a JSON object, not an array"),
         ({}, 400, "name at least one of subject, token_id, client_ip, route, request_id"),
         ({"reason": "bye"}, 400, "name at least one of"),
