@@ -262,7 +262,7 @@ class AdminServer:
         except AdminRequestError as error:
             return _bad_request(str(error))
         result = await self.state.close_sessions(selector, reason)
-        fields: dict[str, Any] = {**selector.as_log_fields(), "reason": reason, "remote": request.remote}
+        fields: dict[str, Any] = {**selector.to_mapping(), "reason": reason, "remote": request.remote}
         for key, value in result.items():
             if isinstance(value, int | str) and key not in fields:
                 fields[key] = value

@@ -109,8 +109,9 @@ class Selector:
             return False
         return self.client_ip is None or _in_network(session.client_ip, self.client_ip)
 
-    def as_log_fields(self) -> dict[str, str]:
-        """The fields given, as strings, for a log line (no identity beyond what the operator sent)."""
+    def to_mapping(self) -> dict[str, str]:
+        """The fields given, as strings: for a log line, or to send the selector to another replica
+        (``Selector.from_mapping(selector.to_mapping()) == selector``)."""
         return {name: str(value) for name in self.field_names() if (value := getattr(self, name)) is not None}
 
 

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from ipaddress import ip_network
 from typing import Any
 
 import aiohttp
@@ -21,7 +22,9 @@ import pytest
 from aiohttp import WSMsgType
 from conftest import policy_text
 
+from proxy.errors import AdminRequestError
 from proxy.policy.load import parse_policy
+from proxy.session_control import Selector, close_reason
 
 SECRET = "s" * 40
 ADMIN_TOKEN = "admin-token-0123456789-\u00e9"  # not ASCII: compared as bytes
@@ -335,3 +338,35 @@ async def test_serve_process_guards_sessions_and_never_logs_the_token(
     output = "\n".join(process.lines + process.stderr)
     assert ADMIN_TOKEN not in output
     assert ADMIN_TOKEN.encode("unicode_escape").decode() not in output
+
+
+# -- the selector itself ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"subject": "alice"},
+        {"client_ip": "10.0.0.0/8", "route": "/echo"},
+        {"client_ip": "2001:db8::/32", "token_id": "t", "request_id": "r", "subject": "s"},
+    ],
+)
+def test_a_selector_travels_as_its_mapping(values):
+    selector = Selector.from_mapping(values)
+    assert Selector.from_mapping(selector.to_mapping()) == selector
+    assert not selector.empty
+
+
+def test_a_single_address_is_its_own_network_and_host_bits_are_allowed():
+    assert Selector.from_mapping({"client_ip": "10.1.2.3"}).client_ip == ip_network("10.1.2.3/32")
+    assert Selector.from_mapping({"client_ip": "10.1.2.3/16"}).client_ip == ip_network("10.1.0.0/16")
+    assert Selector().empty
+
+
+@pytest.mark.parametrize(
+    ("reason", "problem"),
+    [("x" * 124, "124 bytes"), ("\ud800", "lone surrogate"), ("", "must not be empty"), (None, "not null")],
+)
+def test_close_reasons_that_do_not_fit_a_close_frame(reason, problem):
+    with pytest.raises(AdminRequestError, match=problem):
+        close_reason(reason)
