@@ -29,6 +29,7 @@ from proxy.metrics import Metrics, build_registry
 from proxy.policy.model import Address, Policy, TlsListen
 from proxy.reload import Reloader, enforce
 from proxy.request import HandshakeRequest
+from proxy.session_control import local_close
 from proxy.sessions import SessionRegistry
 from proxy.upstream import forget_tls_contexts
 
@@ -71,6 +72,8 @@ class Gateway:
                 draining=lambda: self.draining,
                 policy_loaded_at=lambda: self.metrics.policy_loaded_at,
                 started_at=time.time(),
+                sessions=lambda: self.sessions,
+                close_sessions=local_close(lambda: self.sessions),
             ),
         )
         self.admin_address: Address | None = None

@@ -10,6 +10,7 @@ else::
     ├── Rejection           a handshake was refused: an HTTP status, a reason word and a JSON body
     ├── UpstreamError       the upstream could not be reached or refused the WebSocket: 502
     ├── ProxyHeaderError    the connection did not start with a valid PROXY header: 400
+    ├── AdminRequestError   an admin API request refused as it stands (a bad selector or reason): 400
     └── PeerError           one side of a session must be closed, with ``code`` and ``reason``
         ├── ProtocolError   it broke RFC 6455: 1002 (1007 for a close reason that is not UTF-8)
         ├── MessageTooBig   a message over max_message_bytes or max_fragments: 1009
@@ -181,6 +182,10 @@ class UpstreamError(WsgateError):
 
 class ProxyHeaderError(WsgateError):
     """The connection did not start with a valid PROXY header; the client gets 400."""
+
+
+class AdminRequestError(WsgateError):
+    """An admin API request refused as it stands (HTTP 400); ``str(error)`` says exactly what is wrong."""
 
 
 class PeerError(WsgateError):

@@ -35,6 +35,7 @@ class Session:
         "identity",
         "initiator",
         "loop",
+        "opened_at",
         "origin",
         "request_id",
         "request_path",
@@ -72,6 +73,8 @@ class Session:
         self.identity = identity
         self.slots = slots
         self.started = time.monotonic()
+        #: Wall-clock time (UNIX seconds) of the 101, for what operators read; durations use ``started``.
+        self.opened_at = time.time()
         #: Who closed first: "client", "upstream" or "gateway"; None while open.
         self.initiator: str | None = None
         #: The close code and reason that ended the session (1006 when a connection vanished without one).

@@ -1,0 +1,372 @@
+"""The admin session API: GET /sessions lists who is connected, POST /sessions/close closes them 1008.
+
+Both exist only when the policy names an ``admin.token_env``, and answer only to that bearer token.
+Sessions here carry HS256 tokens minted with PyJWT; client IPs come through X-Forwarded-For from a trusted
+proxy (the test itself, on 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from ipaddress import ip_network
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+from aiohttp import WSMsgType
+from conftest import policy_text
+
+from proxy.errors import AdminRequestError
+from proxy.policy.load import parse_policy
+from proxy.session_control import Selector, close_reason
+
+SECRET = "s" * 40
+ADMIN_TOKEN = "admin-token-0123456789-\u00e9"  # not ASCII: compared as bytes
+ISSUER = "https://issuer.test"
+AUDIENCE = "chat"
+
+
+def user_token(subject: str, token_id: str | None = None) -> str:
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": subject, "iat": now, "exp": now + 300}
+    claims["jti"] = token_id or uuid.uuid4().hex
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+def admin_policy(upstream: Any, token_env: bool = True) -> str:
+    admin = '{address: "127.0.0.1:0", token_env: WSGATE_TEST_ADMIN_TOKEN}' if token_env else None
+    admin_line = f"admin: {admin}\n" if admin else ""
+    return f"""
+{admin_line}trusted_proxies: [127.0.0.1/32]
+limits: {{close_timeout: 1s}}
+auth:
+  main:
+    algorithms: [HS256]
+    issuer: {ISSUER}
+    audiences: [{AUDIENCE}]
+    secret_env: WSGATE_TEST_SECRET
+routes:
+  - path: /echo
+    upstream: {upstream.url("/echo")}
+    auth: main
+  - path: /other
+    upstream: {upstream.url("/echo")}
+    auth: main
+"""
+
+
+@pytest.fixture
+def secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WSGATE_TEST_SECRET", SECRET)
+    monkeypatch.setenv("WSGATE_TEST_ADMIN_TOKEN", ADMIN_TOKEN)
+
+
+def admin_url(gw: Any, path: str) -> str:
+    return f"http://127.0.0.1:{gw.gateway.admin_address.port}{path}"
+
+
+def authorized(token: str = ADMIN_TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@asynccontextmanager
+async def session(
+    client: aiohttp.ClientSession, gw: Any, subject: str, ip: str, path: str = "/echo", **token: Any
+) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    headers = {"Authorization": f"Bearer {user_token(subject, **token)}", "X-Forwarded-For": ip}
+    async with client.ws_connect(gw.url(path), headers=headers) as ws:
+        await ws.send_str("hello")
+        reply = await ws.receive(timeout=5)
+        assert reply.data == "hello"
+        yield ws
+
+
+async def listed(client: aiohttp.ClientSession, gw: Any, query: str = "") -> list[dict[str, Any]]:
+    async with client.get(admin_url(gw, "/sessions" + query), headers=authorized()) as response:
+        assert response.status == 200, await response.text()
+        body = await response.json()
+    assert isinstance(body, list)
+    return body
+
+
+async def close(client: aiohttp.ClientSession, gw: Any, body: Any, **kwargs: Any) -> tuple[int, Any]:
+    data = body if isinstance(body, bytes | str) else json.dumps(body)
+    headers = {**authorized(), "Content-Type": "application/json", **kwargs.pop("headers", {})}
+    async with client.post(admin_url(gw, "/sessions/close"), data=data, headers=headers) as response:
+        text = await response.text()
+        return response.status, json.loads(text) if text.startswith("{") else text
+
+
+async def test_without_token_env_the_session_endpoints_do_not_exist(gateway, upstream, client, secrets):
+    gw = await gateway(admin_policy(upstream, token_env=False))
+    async with client.get(admin_url(gw, "/no-such-path")) as response:
+        unknown = (response.status, await response.text())
+    assert unknown[0] == 404
+    for method, path in (
+        ("GET", "/sessions"),
+        ("POST", "/sessions/close"),
+        ("GET", "/sessions/close"),
+        ("DELETE", "/sessions"),
+    ):
+        async with client.request(method, admin_url(gw, path), headers=authorized(), json={}) as response:
+            assert (response.status, await response.text()) == unknown
+            assert "WWW-Authenticate" not in response.headers
+
+
+async def test_missing_or_wrong_token_is_401_and_never_logged(gateway, upstream, client, secrets, log_events):
+    gw = await gateway(admin_policy(upstream))
+    async with session(client, gw, "alice", "10.0.0.1") as ws:
+        for headers in (
+            {},
+            {"Authorization": "Basic " + ADMIN_TOKEN},
+            {"Authorization": "Bearer"},
+            authorized("wrong"),
+            authorized(ADMIN_TOKEN + "x"),
+            authorized(ADMIN_TOKEN[:-1]),
+        ):
+            async with client.get(admin_url(gw, "/sessions"), headers=headers) as response:
+                assert response.status == 401, headers
+                assert response.headers["WWW-Authenticate"].startswith("Bearer")
+                assert (await response.json())["error"] == "unauthorized"
+            async with client.post(
+                admin_url(gw, "/sessions/close"), headers=headers, json={"subject": "alice"}
+            ) as response:
+                assert response.status == 401
+        assert not ws.closed
+        async with client.get(admin_url(gw, "/sessions/close"), headers=authorized()) as response:
+            assert response.status == 405  # the right token learns the method; others learn nothing
+        async with client.get(admin_url(gw, "/sessions/close")) as response:
+            assert response.status == 401
+        status, answer = await close(client, gw, {"subject": "nobody"})
+        assert (status, answer) == (200, {"closed": 0})
+    await log_events.wait_for("admin.sessions_closed", subject="nobody", closed=0)
+    assert ADMIN_TOKEN not in repr(log_events.events)
+
+
+async def test_listing_describes_sessions_and_filters(gateway, upstream, client, secrets):
+    gw = await gateway(admin_policy(upstream))
+    async with (
+        session(client, gw, "alice", "10.1.0.5", token_id="alice-1") as alice,
+        session(client, gw, "bob", "10.2.0.9") as bob,
+        session(client, gw, "carol", "192.0.2.7", path="/other"),
+    ):
+        await alice.send_bytes(b"x" * 100)
+        await alice.receive(timeout=5)
+        everyone = await listed(client, gw)
+        assert sorted(entry["subject"] for entry in everyone) == ["alice", "bob", "carol"]
+        (entry,) = await listed(client, gw, "?subject=alice")
+        assert entry["route"] == "/echo"
+        assert entry["client_ip"] == "10.1.0.5"
+        assert entry["token_id"] == "alice-1"
+        assert entry["provider"] == "main"
+        assert entry["request_id"]
+        assert entry["opened_at"].endswith("Z")
+        assert abs(entry["opened_at_unix"] - time.time()) < 30
+        assert entry["messages"] == {"client_to_upstream": 2, "upstream_to_client": 2}
+        assert entry["bytes"] == {"client_to_upstream": 105, "upstream_to_client": 105}
+        assert "claims" not in entry and "token" not in json.dumps(entry).lower().replace("token_id", "")
+        (by_id,) = await listed(client, gw, f"?request_id={entry['request_id']}")
+        assert by_id["subject"] == "alice"
+        assert [e["subject"] for e in await listed(client, gw, "?client_ip=10.0.0.0/8")] == ["alice", "bob"]
+        assert [e["subject"] for e in await listed(client, gw, "?client_ip=10.2.0.9")] == ["bob"]
+        assert [e["subject"] for e in await listed(client, gw, "?route=/other")] == ["carol"]
+        assert await listed(client, gw, "?route=/echo&subject=carol") == []
+        assert [e["subject"] for e in await listed(client, gw, "?token_id=alice-1")] == ["alice"]
+        for query, message in (
+            ("?user=alice", "unknown field 'user'"),
+            ("?client_ip=10.0.0.0/33", "client_ip must be an IP address or a CIDR network"),
+            ("?subject=", "subject must not be empty"),
+            ("?subject=a&subject=b", "given more than once"),
+        ):
+            async with client.get(admin_url(gw, "/sessions" + query), headers=authorized()) as response:
+                assert response.status == 400, query
+                assert message in (await response.json())["detail"]
+        assert not bob.closed
+
+
+async def wait_closed_upstream(upstream: Any, count: int) -> list[Any]:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        closed = [record for record in upstream.records if record.closed.is_set()]
+        if len(closed) >= count:
+            return closed
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"fewer than {count} upstream sessions closed")
+
+
+async def test_close_by_subject_closes_both_sides_with_1008_and_leaves_others(
+    gateway, upstream, client, secrets, log_events
+):
+    gw = await gateway(admin_policy(upstream))
+    async with (
+        session(client, gw, "alice", "10.1.0.5") as first,
+        session(client, gw, "alice", "10.1.0.6", path="/other") as second,
+        session(client, gw, "bob", "10.1.0.7") as bob,
+    ):
+        status, answer = await close(client, gw, {"subject": "alice", "reason": "account suspended"})
+        assert (status, answer) == (200, {"closed": 2})
+        for ws in (first, second):
+            message = await ws.receive(timeout=5)
+            assert message.type == WSMsgType.CLOSE
+            assert (message.data, message.extra) == (1008, "account suspended")
+        closed = await wait_closed_upstream(upstream, 2)
+        assert [record.close_code for record in closed] == [1008, 1008]
+        await bob.send_str("still here")
+        assert (await bob.receive(timeout=5)).data == "still here"
+        assert [entry["subject"] for entry in await listed(client, gw)] == ["bob"]
+        entry = await log_events.wait_for("admin.sessions_closed", subject="alice")
+        assert entry["closed"] == 2 and entry["reason"] == "account suspended"
+        # the default reason
+        assert await close(client, gw, {"subject": "bob"}) == (200, {"closed": 1})
+        message = await bob.receive(timeout=5)
+        assert (message.data, message.extra) == (1008, "closed by operator")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "detail"),
+    [
+        (b"not json", 400, "the body must be a JSON object"),
+        (b"\xff\xfe", 400, "the body must be a JSON object"),
+        (b"", 400, "the body must be a JSON object"),
+        (b"[" * 15000, 400, "the body must be a JSON object"),
+        ([{"subject": "alice"}], 400, "the body must be a JSON object, not an array"),
+        ({}, 400, "name at least one of subject, token_id, client_ip, route, request_id"),
+        ({"reason": "bye"}, 400, "name at least one of"),
+        ({"subject": "alice", "user": "x"}, 400, "unknown field 'user'"),
+        ({"subject": 7}, 400, "subject must be a string, not a number"),
+        ({"subject": None}, 400, "subject must be a string, not null"),
+        ({"client_ip": "10.0.0.0/40"}, 400, "client_ip must be an IP address or a CIDR network"),
+        ({"subject": "alice", "reason": "x" * 124}, 400, "reason is 124 bytes of UTF-8"),
+        ({"subject": "alice", "reason": "\u00e9" * 62}, 400, "reason is 124 bytes"),
+        ({"subject": "alice", "reason": ""}, 400, "reason must not be empty"),
+        ({"subject": "alice", "reason": 5}, 400, "reason must be a string"),
+        (json.dumps({"subject": "alice", "pad": "x" * 20000}).encode(), 413, None),
+    ],
+)
+async def test_bad_close_requests_change_nothing(gateway, upstream, client, secrets, body, status, detail):
+    gw = await gateway(admin_policy(upstream))
+    async with session(client, gw, "alice", "10.1.0.5") as ws:
+        got, answer = await close(client, gw, body)
+        assert got == status, answer
+        if detail is not None:
+            assert answer["error"] == "bad_request"
+            assert detail in answer["detail"]
+        assert len(await listed(client, gw)) == 1
+        await ws.send_str("still open")
+        assert (await ws.receive(timeout=5)).data == "still open"
+
+
+async def test_a_reason_of_exactly_123_bytes_is_sent_whole(gateway, upstream, client, secrets):
+    gw = await gateway(admin_policy(upstream))
+    reason = "\u00e9" * 61 + "x"  # 123 bytes of UTF-8
+    async with session(client, gw, "alice", "10.1.0.5") as ws:
+        assert await close(client, gw, {"client_ip": "10.1.0.0/24", "reason": reason}) == (200, {"closed": 1})
+        message = await ws.receive(timeout=5)
+        assert (message.data, message.extra) == (1008, reason)
+
+
+async def test_the_token_is_read_from_the_policy_at_request_time(
+    gateway, upstream, client, secrets, monkeypatch
+):
+    gw = await gateway(admin_policy(upstream))
+    async with client.get(admin_url(gw, "/sessions"), headers=authorized()) as response:
+        assert response.status == 200
+    # A reloaded policy reads the variable again: the new token works at once, the old one no more.
+    monkeypatch.setenv("WSGATE_TEST_ADMIN_TOKEN", "rotated-token")
+    gw.gateway.apply_policy(parse_policy(policy_text(admin_policy(upstream))))
+    async with client.get(admin_url(gw, "/sessions"), headers=authorized()) as response:
+        assert response.status == 401
+    async with client.get(admin_url(gw, "/sessions"), headers=authorized("rotated-token")) as response:
+        assert response.status == 200
+    # And a policy without admin.token_env takes the endpoints away.
+    gw.gateway.apply_policy(parse_policy(policy_text(admin_policy(upstream, token_env=False))))
+    async with client.get(admin_url(gw, "/sessions"), headers=authorized("rotated-token")) as response:
+        assert response.status == 404
+
+
+async def test_a_chunked_body_over_the_limit_is_413(gateway, upstream, client, secrets):
+    gw = await gateway(admin_policy(upstream))
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"subject": "alice", "pad": "'
+        for _ in range(40):
+            yield b"x" * 1024
+        yield b'"}'
+
+    async with session(client, gw, "alice", "10.1.0.5") as ws:
+        async with client.post(
+            admin_url(gw, "/sessions/close"), data=chunks(), headers=authorized()
+        ) as response:
+            assert response.status == 413
+        assert not ws.closed
+        assert len(await listed(client, gw)) == 1
+
+
+@pytest.mark.serve_process
+async def test_serve_process_guards_sessions_and_never_logs_the_token(
+    wsgate_process, upstream, client, tmp_path
+):
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy_text(admin_policy(upstream)))
+    env = {"WSGATE_TEST_SECRET": SECRET, "WSGATE_TEST_ADMIN_TOKEN": ADMIN_TOKEN}
+    process = wsgate_process("serve", "-c", str(path), env=env)
+    listening = await process.wait_for("gateway.listening")
+    port = int(listening["address"].rsplit(":", 1)[1])
+    admin = f"http://{listening['admin']}"
+    headers = {"Authorization": f"Bearer {user_token('alice')}", "X-Forwarded-For": "10.9.0.1"}
+    async with client.ws_connect(f"ws://127.0.0.1:{port}/echo", headers=headers) as ws:
+        async with client.get(f"{admin}/sessions", headers=authorized("guess")) as response:
+            assert response.status == 401
+        async with client.get(f"{admin}/sessions?client_ip=10.9.0.0/16", headers=authorized()) as response:
+            assert [entry["subject"] for entry in await response.json()] == ["alice"]
+        async with client.post(
+            f"{admin}/sessions/close", json={"subject": "alice", "reason": "bye"}, headers=authorized()
+        ) as response:
+            assert await response.json() == {"closed": 1}
+        message = await ws.receive(timeout=5)
+        assert (message.data, message.extra) == (1008, "bye")
+    entry = await process.wait_for("admin.sessions_closed")
+    assert entry["subject"] == "alice" and entry["closed"] == 1
+    process.signal()
+    assert await process.wait_exit() == 0
+    output = "\n".join(process.lines + process.stderr)
+    assert ADMIN_TOKEN not in output
+    assert ADMIN_TOKEN.encode("unicode_escape").decode() not in output
+
+
+# -- the selector itself ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"subject": "alice"},
+        {"client_ip": "10.0.0.0/8", "route": "/echo"},
+        {"client_ip": "2001:db8::/32", "token_id": "t", "request_id": "r", "subject": "s"},
+    ],
+)
+def test_a_selector_travels_as_its_mapping(values):
+    selector = Selector.from_mapping(values)
+    assert Selector.from_mapping(selector.to_mapping()) == selector
+    assert not selector.empty
+
+
+def test_a_single_address_is_its_own_network_and_host_bits_are_allowed():
+    assert Selector.from_mapping({"client_ip": "10.1.2.3"}).client_ip == ip_network("10.1.2.3/32")
+    assert Selector.from_mapping({"client_ip": "10.1.2.3/16"}).client_ip == ip_network("10.1.0.0/16")
+    assert Selector().empty
+
+
+@pytest.mark.parametrize(
+    ("reason", "problem"),
+    [("x" * 124, "124 bytes"), ("\ud800", "lone surrogate"), ("", "must not be empty"), (None, "not null")],
+)
+def test_close_reasons_that_do_not_fit_a_close_frame(reason, problem):
+    with pytest.raises(AdminRequestError, match=problem):
+        close_reason(reason)
