@@ -72,6 +72,10 @@ PROBE_INTERVAL = 0.5
 #: Connections one limiter opens to Redis at most; a decision waits for one within ``timeout``.
 MAX_CONNECTIONS = 32
 
+#: Unanswered lease requests remembered for removal; beyond these, a lease Redis took after its caller
+#: gave up lingers until lease_ttl.
+MAX_UNANSWERED = 10_000
+
 #: Leases refreshed by one script call (Lua's unpack has a stack limit near 8000).
 REFRESH_CHUNK = 1000
 
@@ -193,6 +197,9 @@ class RedisLimiter:
         #: while Redis could not be asked). All leases of a key are interchangeable.
         self._leases: dict[str, list[str]] = {}
         self._phantoms: dict[str, int] = {}
+        #: Leases asked for without an answer: Redis may still take them (a hung server runs what it has
+        #: read once it resumes), so they are removed once it is back, rather than linger for lease_ttl.
+        self._unanswered: list[tuple[str, str]] = []
         #: Leases released while a refresh was under way: the refresh may have re-added them.
         self._released_in_refresh: list[tuple[str, str]] | None = None
         self._up = True
@@ -263,10 +270,16 @@ class RedisLimiter:
 
     async def acquire(self, key: str, cap: int) -> bool:
         lease = f"{self.replica}:{next(self._counter)}"
-        taken = await self._call(
-            lambda: self._acquire(keys=[self._prefix + key], args=[cap, self._ttl_ms, lease])
-        )
+        sent = self._up and not self._closed
+        try:
+            taken = await self._call(
+                lambda: self._acquire(keys=[self._prefix + key], args=[cap, self._ttl_ms, lease])
+            )
+        except LimiterUnavailable:
+            self._unanswered_lease(sent, key, lease)
+            raise
         if taken is None:
+            self._unanswered_lease(sent, key, lease)
             self._phantoms[key] = self._phantoms.get(key, 0) + 1
             return True
         if not int(taken):
@@ -294,6 +307,10 @@ class RedisLimiter:
             self._released_in_refresh.append((key, lease))
         # Not refreshed any more: if Redis cannot hear this now, the lease expires within lease_ttl.
         await self._quietly(lambda: self._redis.zrem(self._prefix + key, lease))
+
+    def _unanswered_lease(self, sent: bool, key: str, lease: str) -> None:
+        if sent and len(self._unanswered) < MAX_UNANSWERED:
+            self._unanswered.append((key, lease))
 
     def _check_idle(self) -> None:
         if not self._leases and not self._phantoms:
@@ -370,8 +387,14 @@ class RedisLimiter:
                     await self._redis.ping()
             except REDIS_FAILURES:
                 continue
-            self._came_up()
-            await self._refresh_all()
+            await self._recovered()
+
+    async def _recovered(self) -> None:
+        self._came_up()
+        unanswered, self._unanswered = self._unanswered, []
+        if unanswered:
+            await self._quietly(lambda: self._remove(unanswered))
+        await self._refresh_all()
 
     async def _refresher(self) -> None:
         """Push every lease's expiry forward every ``lease_ttl / 3``."""
