@@ -20,25 +20,22 @@ What is guaranteed:
   (``PING`` every 0.5 s) brings the limiter back. ``limiter.down`` and ``limiter.up`` are logged once per
   change of state, never per request, and never with the password.
 
-Redis key layout (``{p}`` is ``limiter.redis.key_prefix``, ``wsgate:`` by default; ``{key}`` is the
-guard's key: ``hs:{ip}``, ``ip:{ip}``, ``sub:{provider}:{subject}``, each optionally ``{route}#``-scoped):
+Redis key layout (``{p}`` is ``limiter.redis.key_prefix``, ``wsgate:`` by default; the rest is the
+guard's key: ``hs:``, ``ip:`` or ``sub:`` and the client, see :mod:`proxy.guards.limits`):
 
-==========================  ==========  ======================================================  ==========
-key                         type        content                                                 TTL
-==========================  ==========  ======================================================  ==========
-``{p}hs:...``               string      GCRA theoretical arrival time, microseconds (Redis       burst / rate
-                                        clock)                                                   at most
-``{p}ip:...``, ``{p}sub:..``  sorted set  one member per held slot: ``{replica}:{n}``, score =     lease_ttl
-                                        expiry in ms (Redis clock)                              from last
-                                                                                                write
-``{p}sessions.close``       channel     session control requests (:mod:`proxy.cluster`)         -
-``{p}sessions.closed``      channel     their replies                                           -
-==========================  ==========  ======================================================  ==========
+- ``{p}hs:{client}`` (string): a handshake rate's GCRA arrival time, microseconds on Redis's clock.
+  Expires when that time passes: at most ``burst / rate`` seconds after the client's last handshake.
+- ``{p}ip:{client}``, ``{p}sub:{provider}:{subject}`` (sorted set): one member per slot held, the lease
+  id ``{host}:{pid}:{random}:{n}`` scored with its expiry (ms, Redis's clock). Expires ``lease_ttl``
+  after its last acquire or refresh; gone as soon as its last lease is released.
+- ``{p}sessions.close`` and ``{p}sessions.closed``: pub/sub channels of :mod:`proxy.cluster` (no keys).
 
-Memory, measured with ``MEMORY USAGE`` on Redis 7.0 (jemalloc, 64-bit), for IPv4 keys under the default
-prefix: a rate key is about 72 bytes; a cap key about 160 bytes with one lease, plus about 40 bytes per
-further lease (listpack encoding, up to 128 leases per key). A client that is idle for longer than its
-rate's window holds nothing; a client with no live session holds no cap key.
+Memory, measured with ``MEMORY USAGE`` on Redis 7.0 (jemalloc, 64-bit), default prefix, a 33-character
+replica id: a rate key is 72 bytes for an IPv4 client (88 for an IPv6 /64); a cap key is 136 bytes with
+one lease and about 48 bytes per further lease up to 128 leases (listpack), about 160 bytes per lease
+beyond (skiplist). An idle client holds no rate key; a client with no live session holds no cap key. So
+100k clients each with a session and a recent handshake cost about 21 MB, plus Redis's own overhead
+(its dictionaries of keys and expiries).
 """
 
 from __future__ import annotations

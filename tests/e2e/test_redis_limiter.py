@@ -219,16 +219,15 @@ async def test_a_redis_outage_follows_on_error_and_heals_by_itself(
 async def test_a_password_from_the_environment(redis_server, upstream, gateway, monkeypatch, log_events):
     server = redis_server("--requirepass", "correct-horse")
     monkeypatch.setenv("WSGATE_TEST_REDIS_PASSWORD", "correct-horse")
-    settings = redis_settings(
-        server, f"p{uuid.uuid4().hex[:6]}:", ", password_env: WSGATE_TEST_REDIS_PASSWORD"
-    )
+    prefix = f"p{uuid.uuid4().hex[:6]}:"
+    settings = redis_settings(server, prefix, ", password_env: WSGATE_TEST_REDIS_PASSWORD")
     body = f"limiter: {{redis: {{{settings}}}, on_error: deny}}\nlimits: {{connections_per_ip: 1}}\n"
     gw = await gateway(body + ROUTE.format(upstream=upstream.url()))
     async with aiohttp.ClientSession() as client:
         ws = await client.ws_connect(gw.url())
         assert (await handshake(gw.port))[:2] == (429, "conn_limit")
+        assert server.client(password="correct-horse").zcard(f"{prefix}ip:127.0.0.1") == 1
         await ws.close()
-    assert server.client(password="correct-horse").dbsize() >= 0
     assert log_events.named("limiter.down") == []
 
 
@@ -301,6 +300,13 @@ async def test_rediss_with_a_ca_file(redis_server, upstream, gateway, tmp_path, 
         assert (await handshake(gw.port))[:2] == (429, "conn_limit")
         await ws.close()
     assert log_events.named("limiter.down") == []
+    # Without the CA file the server's certificate is not trusted: the limiter is down, not lied to.
+    untrusted = await gateway(
+        body.replace(f", ca_file: '{tls[2]}'", "") + ROUTE.format(upstream=upstream.url())
+    )
+    assert (await handshake(untrusted.port))[:2] == (503, "limiter_unavailable")
+    down = log_events.named("limiter.down")
+    assert len(down) == 1 and "certificate" in down[0]["error"].lower(), down
 
 
 def close_by_path(gw, selector: dict, reason: str) -> int:
