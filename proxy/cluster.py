@@ -126,8 +126,10 @@ class Cluster:
                     message = await pubsub.get_message(timeout=COMMAND_TIMEOUT)
                     if message is not None and message.get("type") == "message":
                         await self._received(message["channel"], message["data"])
-            except REDIS_FAILURES as error:
+            except Exception as error:  # noqa: BLE001 - whatever happens, subscribe again: never stop here
                 self.subscribed.clear()
+                if not isinstance(error, REDIS_FAILURES):
+                    logs.LOGGER.exception("cluster.error")
                 if not lost:
                     logs.event(
                         "cluster.unsubscribed", logging.WARNING, redis=self.where, error=describe(error)

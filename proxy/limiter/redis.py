@@ -238,6 +238,7 @@ class RedisLimiter:
                 await task
         leases, self._leases = self._leases, {}
         self._phantoms.clear()
+        self._idle.set()
         if self._up and leases:
             with contextlib.suppress(*REDIS_FAILURES):
                 async with asyncio.timeout(max(self._timeout, 1.0)):
@@ -384,7 +385,10 @@ class RedisLimiter:
                     await self._redis.ping()
             except REDIS_FAILURES:
                 continue
-            await self._recovered()
+            try:
+                await self._recovered()
+            except Exception:  # noqa: BLE001 - a bug here must not stop the probe for good
+                logs.LOGGER.exception("limiter.error", extra={"fields": {"task": "probe"}})
 
     async def _recovered(self) -> None:
         self._came_up()
@@ -397,8 +401,12 @@ class RedisLimiter:
         """Push every lease's expiry forward every ``lease_ttl / 3``."""
         while True:
             await asyncio.sleep(self.settings.lease_ttl / 3)
-            if self._up:
+            if not self._up:
+                continue
+            try:
                 await self._refresh_all()
+            except Exception:  # noqa: BLE001 - a bug here must not stop refreshing for good
+                logs.LOGGER.exception("limiter.error", extra={"fields": {"task": "refresh"}})
 
     async def _refresh_all(self) -> None:
         calls = [
