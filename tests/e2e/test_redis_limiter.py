@@ -20,7 +20,9 @@ from conftest import RedisServer, policy_text
 from wsraw import RawClient
 
 from proxy.errors import Close, CloseCode, LimiterUnavailable
+from proxy.limiter.redis import RedisLimiter
 from proxy.policy.load import parse_policy
+from proxy.policy.model import RedisLimiter as RedisSettings
 
 #: What an open route on the test upstream looks like; {upstream} is filled in.
 ROUTE = """
@@ -444,3 +446,31 @@ async def test_cluster_control_comes_back_with_redis(redis_server, upstream, gat
         assert answer == {"closed": 2, "replicas": 2}
         for ws in sessions:
             assert (await ws.receive(timeout=1.0)).type == aiohttp.WSMsgType.CLOSE
+
+
+async def test_the_keys_in_redis_are_as_documented(redis_server):
+    server = redis_server()
+    prefix = f"d{uuid.uuid4().hex[:6]}:"
+    settings = RedisSettings(url=server.url, key_prefix=prefix, lease_ttl=30.0)
+    limiter = RedisLimiter(settings, "deny", replica="replica-1")
+    limiter.start()
+    redis = server.client()
+    try:
+        # GCRA: a burst of 5 at 10/s, then one per 100 ms; the key lives at most burst / rate.
+        assert [await limiter.hit("hs:192.0.2.1", 10.0, 5) for _ in range(5)] == [0.0] * 5
+        wait = await limiter.hit("hs:192.0.2.1", 10.0, 5)
+        assert 0.05 < wait <= 0.1
+        assert 0 < redis.pttl(f"{prefix}hs:192.0.2.1") <= 501
+        # Leases: one member per slot, scored with its expiry; the key goes with its last lease.
+        assert [await limiter.acquire("ip:192.0.2.1", 2) for _ in range(3)] == [True, True, False]
+        members = redis.zrange(f"{prefix}ip:192.0.2.1", 0, -1, withscores=True)
+        assert [member for member, _ in members] == [b"replica-1:1", b"replica-1:2"]
+        now_ms = redis.time()[0] * 1000
+        assert all(now_ms + 29_000 < score <= now_ms + 31_000 for _, score in members)
+        assert 29_000 < redis.pttl(f"{prefix}ip:192.0.2.1") <= 30_000
+        await limiter.release("ip:192.0.2.1")
+        await limiter.release("ip:192.0.2.1")
+        assert redis.exists(f"{prefix}ip:192.0.2.1") == 0
+        assert limiter.held == 0
+    finally:
+        await limiter.close()
