@@ -267,7 +267,8 @@ class AdminServer:
             if isinstance(value, int | str) and key not in fields:
                 fields[key] = value
         logs.event("admin.sessions_closed", **fields)
-        return web.json_response(result)
+        # Some replicas could not be reached (their Redis is down): what was closed here is said, with 503.
+        return web.json_response(result, status=503 if "error" in result else 200)
 
 
 def _unauthorized(challenge: str, message: str) -> web.HTTPUnauthorized:

@@ -19,17 +19,20 @@ from typing import Any
 from proxy import logs
 from proxy.accept import Acceptor, bind_sockets
 from proxy.admin import AdminServer, AdminState
-from proxy.errors import DRAINING, OVERLOADED, SHUTTING_DOWN, StartupError
+from proxy.cluster import Cluster, LocalClose
+from proxy.errors import DRAINING, OVERLOADED, SHUTTING_DOWN, LimiterUnavailable, StartupError
 from proxy.frames import MASK_IMPLEMENTATION
 from proxy.handshake import Pipeline
 from proxy.handshake_flow import HandshakeFlow
+from proxy.limiter import build_limiter
 from proxy.limiter.memory import MemoryLimiter
+from proxy.limiter.redis import RedisLimiter
 from proxy.listener import LINGER_SECONDS, HandshakeProtocol
 from proxy.metrics import Metrics, build_registry
 from proxy.policy.model import Address, Policy, TlsListen
 from proxy.reload import Reloader, enforce
 from proxy.request import HandshakeRequest
-from proxy.session_control import local_close
+from proxy.session_control import Selector, close_matching
 from proxy.sessions import SessionRegistry
 from proxy.upstream import forget_tls_contexts
 
@@ -38,6 +41,10 @@ def _reason(error: OSError) -> str:
     """An OS error as users read it: "address already in use", not the errno and the tuple."""
     return (error.strerror or str(error)).lower() if error.errno else str(error)
 
+
+#: How long a limiter replaced by a reload stays open for handshakes already judged by the old policy,
+#: before it closes once no session holds its slots.
+RETIRE_GRACE = 10.0
 
 #: Connections the kernel may queue on the client listener before wsgate accepts them.
 LISTEN_BACKLOG = 1024
@@ -56,9 +63,19 @@ class Gateway:
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
-        self.limiter = MemoryLimiter()
         self.sessions = SessionRegistry()
         self.metrics = Metrics(lambda: self.sessions)
+        # -- the limiter and session control across replicas (a Redis when the policy names one)
+        self.limiter: MemoryLimiter | RedisLimiter = build_limiter(policy.limiter)
+        self.metrics.limiter_state = self._limiter_state
+        #: Closes this replica's sessions matching a selector (in its wire form) with a reason, returning
+        #: how many: what a close request from any replica runs here.
+        self.local_close: LocalClose = lambda selector, reason: close_matching(
+            self.sessions, Selector.from_mapping(selector), reason
+        )
+        self.cluster: Cluster | None = self._build_cluster(policy)
+        #: Limiters replaced by a reload, closed once no session holds their slots.
+        self._retired: set[RedisLimiter] = set()
         self.registry = build_registry(self.metrics)
         self.pipeline = Pipeline(policy, self.limiter, on_jwks_refresh=self.metrics.jwks_refreshed)
         self.metrics.policy_loaded(policy)
@@ -73,7 +90,7 @@ class Gateway:
                 policy_loaded_at=lambda: self.metrics.policy_loaded_at,
                 started_at=time.time(),
                 sessions=lambda: self.sessions,
-                close_sessions=local_close(lambda: self.sessions),
+                close_sessions=self._close_sessions,
             ),
         )
         self.admin_address: Address | None = None
@@ -124,6 +141,7 @@ class Gateway:
             acceptor.close()
             raise
         self._acceptor = acceptor
+        self._start_shared()
         acceptor.start()
         self._prefetch_keys()
         logs.event("gateway.mask", implementation=MASK_IMPLEMENTATION)
@@ -157,6 +175,8 @@ class Gateway:
     def apply_policy(self, policy: Policy) -> int:
         """Swap in a new valid policy: new handshakes use it at once; live sessions it would refuse are
         closed 1008 "policy changed". Returns how many were closed."""
+        if policy.limiter != self.policy.limiter:
+            self._swap_shared(policy)
         self.pipeline = Pipeline(
             policy, self.limiter, previous=self.pipeline, on_jwks_refresh=self.metrics.jwks_refreshed
         )
@@ -165,6 +185,68 @@ class Gateway:
         self._prefetch_keys()
         self._warn(policy)
         return enforce(self.sessions, policy)
+
+    # -- the limiter and session control across replicas ---------------------------------
+
+    async def _close_sessions(self, selector: Selector, reason: str) -> dict[str, Any]:
+        """``POST /sessions/close``: on every replica when they share a Redis, else here. With Redis
+        unavailable this replica's sessions are still closed, and the answer says the others were not
+        reached."""
+        if self.cluster is None:
+            return {"closed": close_matching(self.sessions, selector, reason)}
+        try:
+            return await self.cluster.close_everywhere(selector.to_mapping(), reason)
+        except LimiterUnavailable as error:
+            closed = close_matching(self.sessions, selector, reason)
+            return {"closed": closed, "replicas": 1, "error": f"other replicas not reached: {error}"}
+
+    def _build_cluster(self, policy: Policy) -> Cluster | None:
+        redis = policy.limiter.redis
+        if redis is None:
+            return None
+        return Cluster(redis, lambda selector, reason: self.local_close(selector, reason))
+
+    def _limiter_state(self) -> tuple[str, bool]:
+        limiter = self.limiter
+        return (limiter.backend, limiter.up) if isinstance(limiter, RedisLimiter) else ("memory", True)
+
+    def _start_shared(self) -> None:
+        if isinstance(self.limiter, RedisLimiter):
+            self.limiter.start()
+        if self.cluster is not None:
+            self.cluster.start()
+
+    def _swap_shared(self, policy: Policy) -> None:
+        """New handshakes count in the limiter ``policy`` names; live sessions give their slots back to
+        the one they took them from (their LimiterSlots hold it), which closes once none is held."""
+        old = self.limiter
+        if isinstance(old, RedisLimiter) and policy.limiter.redis == self.policy.limiter.redis:
+            old.on_error = policy.limiter.on_error  # the same Redis: only what a failure means changed
+            return
+        self.limiter = build_limiter(policy.limiter)
+        if isinstance(old, RedisLimiter):
+            self._retired.add(old)
+            self.track(asyncio.get_running_loop().create_task(self._retire(old)))
+        if policy.limiter.redis != self.policy.limiter.redis:
+            if self.cluster is not None:
+                self.track(asyncio.get_running_loop().create_task(self.cluster.close()))
+            self.cluster = self._build_cluster(policy)
+        self._start_shared()
+
+    async def _retire(self, limiter: RedisLimiter) -> None:
+        await asyncio.sleep(RETIRE_GRACE)
+        await limiter.wait_idle()
+        self._retired.discard(limiter)
+        await limiter.close()
+
+    async def _close_shared(self) -> None:
+        """After the drain: give back what the limiters still hold and close their connections."""
+        for limiter in (self.limiter, *self._retired):
+            if isinstance(limiter, RedisLimiter):
+                await limiter.close()
+        self._retired.clear()
+        if self.cluster is not None:
+            await self.cluster.close()
 
     @staticmethod
     def _warn(policy: Policy) -> None:
@@ -203,6 +285,7 @@ class Gateway:
                 self.abort_all()
         finally:
             await self.admin.stop()
+            await self._close_shared()
         logs.event("gateway.stopped", drained=drained, cut=0 if drained else live)
         self._stopped.set()
 

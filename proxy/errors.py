@@ -11,6 +11,7 @@ else::
     ├── UpstreamError       the upstream could not be reached or refused the WebSocket: 502
     ├── ProxyHeaderError    the connection did not start with a valid PROXY header: 400
     ├── AdminRequestError   an admin API request refused as it stands (a bad selector or reason): 400
+    ├── LimiterUnavailable  the shared limiter (Redis) could not decide in time and on_error is deny: 503
     └── PeerError           one side of a session must be closed, with ``code`` and ``reason``
         ├── ProtocolError   it broke RFC 6455: 1002 (1007 for a close reason that is not UTF-8)
         ├── MessageTooBig   a message over max_message_bytes or max_fragments: 1009
@@ -172,6 +173,10 @@ OVERLOADED = RejectionTemplate(
 )
 #: A handshake the gateway's stop catches before its 101.
 DRAINING = RejectionTemplate(503, "draining", "the gateway is shutting down; retry", (("Retry-After", "1"),))
+#: A handshake the shared limiter could not judge in time, under ``limiter.on_error: deny``.
+LIMITER_UNAVAILABLE = RejectionTemplate(
+    503, "limiter_unavailable", "the rate limiter is unavailable; retry", (("Retry-After", "1"),)
+)
 #: A bug met while judging or connecting one handshake: it costs that handshake, never the process.
 INTERNAL = RejectionTemplate(500, "internal_error", "internal error")
 
@@ -186,6 +191,13 @@ class ProxyHeaderError(WsgateError):
 
 class AdminRequestError(WsgateError):
     """An admin API request refused as it stands (HTTP 400); ``str(error)`` says exactly what is wrong."""
+
+
+class LimiterUnavailable(WsgateError):
+    """The shared limiter could not make a decision in time (Redis unreachable, slow or refusing us) and
+    the policy says to refuse rather than guess (``limiter.on_error: deny``). Guards answer it with
+    :data:`LIMITER_UNAVAILABLE`; session control across replicas raises it when Redis cannot carry the
+    request."""
 
 
 class PeerError(WsgateError):

@@ -138,6 +138,8 @@ class Metrics:
         self.policy_hash = ""
         self.policy_loaded_at = 0.0
         self.draining = False
+        #: Where the limiter counts (``memory`` or ``redis``) and whether it can decide now.
+        self.limiter_state: Callable[[], tuple[str, bool]] = lambda: ("memory", True)
 
     def route(self, path: str) -> RouteCounters:
         counters = self.routes.get(path)
@@ -320,6 +322,15 @@ class WsgateCollector(Collector):
             for reason in ("fd_exhausted", "out_of_memory", "error"):
                 counter.add_metric([listener, reason], metrics.accept_errors.get((listener, reason), 0))
         yield counter
+
+        backend, up = metrics.limiter_state()
+        gauge = GaugeMetricFamily(
+            "wsgate_limiter_up",
+            "1 while the limiter can decide (always 1 in process memory; 0 while Redis is unreachable).",
+            labels=["backend"],
+        )
+        gauge.add_metric([backend], int(up))
+        yield gauge
 
         yield GaugeMetricFamily(
             "wsgate_draining", "1 while the gateway drains for shutdown.", value=int(metrics.draining)

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -388,3 +389,81 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     if item.get_closest_marker("serve_process"):
         return {"uvloop": uvloop.new_event_loop}
     return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
+
+
+# -- a real redis-server ----------------------------------------------------------------------------
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+class RedisServer:
+    """``redis-server`` on a free port, without persistence; :meth:`stop` and :meth:`start` again keep the
+    port (a Redis restart as replicas see it). ``args`` are extra server arguments (``--requirepass``...);
+    with ``tls`` (cert, key, CA files) it listens for TLS only."""
+
+    def __init__(
+        self, directory: Path, args: tuple[str, ...] = (), tls: tuple[Path, Path, Path] | None = None
+    ):
+        self.port = free_port()
+        self.directory = directory
+        self.args = args
+        self.tls = tls
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        assert REDIS_SERVER is not None
+        listen = ["--port", str(self.port)]
+        if self.tls is not None:
+            cert, key, ca = self.tls
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert)]
+            listen += ["--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
+        command = [REDIS_SERVER, *listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        command += ["--dir", str(self.directory), *self.args]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"redis-server exited with {self.process.returncode}: {command}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+                return self
+            time.sleep(0.02)
+        raise AssertionError("redis-server did not listen within 10 s")
+
+    def stop(self) -> None:
+        """Stop it (SIGKILL: what a crashed or partitioned Redis looks like; nothing is saved anyway)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+        self.process = None
+
+    def client(self, password: str | None = None) -> Any:
+        """A synchronous redis-py client, for looking at what wsgate stored."""
+        import redis
+
+        if self.tls is not None:
+            return redis.Redis.from_url(self.url, password=password, ssl_ca_certs=str(self.tls[2]))
+        return redis.Redis.from_url(self.url, password=password)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Factory: ``redis_server(*args, tls=None)`` starts a ``redis-server``; stopped at teardown. Skips the
+    test when redis-server is not installed."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    started: list[RedisServer] = []
+
+    def start(*args: str, tls: tuple[Path, Path, Path] | None = None) -> RedisServer:
+        directory = tmp_path / f"redis-{len(started)}"
+        directory.mkdir()
+        server = RedisServer(directory, args, tls).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

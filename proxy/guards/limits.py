@@ -6,6 +6,9 @@ has its own bucket, keyed by route and client (``hs:{route}#{ip}``, ``ip:{route}
 ``sub:{route}#{provider}:{subject}``). Both apply where both are set; the route's is checked first, so a
 handshake its route refuses costs nothing of the policy-wide budget.
 
+A shared limiter (Redis) that cannot decide in time under ``limiter.on_error: deny`` raises
+:class:`~proxy.errors.LimiterUnavailable`; the guards answer it 503 ``limiter_unavailable``.
+
 Slots are taken through the context's :class:`~proxy.guards.slots.LimiterSlots`, which gives them back when
 a later guard refuses the handshake, or when the session ends.
 """
@@ -18,7 +21,7 @@ from abc import abstractmethod
 from collections.abc import Callable
 from typing import NamedTuple
 
-from proxy.errors import Rejection
+from proxy.errors import LIMITER_UNAVAILABLE, LimiterUnavailable, Rejection
 from proxy.guards.base import TrafficGuard
 from proxy.guards.context import HandshakeContext
 from proxy.policy.model import Limits, Policy, Route
@@ -100,7 +103,10 @@ class HandshakeRateGuard(TrafficGuard):
         for scope, limits, where in found:
             rate = limits.handshakes_per_ip
             assert rate is not None  # levels() found it set
-            wait = await context.limiter.hit(f"hs:{scope}{address}", rate, limits.handshake_burst)
+            try:
+                wait = await context.limiter.hit(f"hs:{scope}{address}", rate, limits.handshake_burst)
+            except LimiterUnavailable:
+                return LIMITER_UNAVAILABLE()
             if wait > 0:
                 retry_after = str(max(1, math.ceil(wait)))
                 detail = f"too many handshakes from this address{where}"
@@ -134,7 +140,11 @@ class _CapGuard(TrafficGuard):
             return None
         for scope, limits, where in found:
             cap = getattr(limits, self.field)
-            if not await context.slots.acquire(f"{self.key_prefix}:{scope}{client}", cap):
+            try:
+                taken = await context.slots.acquire(f"{self.key_prefix}:{scope}{client}", cap)
+            except LimiterUnavailable:
+                return LIMITER_UNAVAILABLE()
+            if not taken:
                 return _over_cap(f"at most {cap} connections per {self.per}{where}")
         return None
 
