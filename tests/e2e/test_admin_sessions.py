@@ -370,3 +370,72 @@ def test_a_single_address_is_its_own_network_and_host_bits_are_allowed():
 def test_close_reasons_that_do_not_fit_a_close_frame(reason, problem):
     with pytest.raises(AdminRequestError, match=problem):
         close_reason(reason)
+
+
+@pytest.mark.serve_process
+async def test_a_close_on_one_replica_closes_the_subject_on_every_replica_within_a_second(
+    redis_server, upstream, wsgate_process, tmp_path
+):
+    """Two ``wsgate serve`` processes sharing one Redis: ``POST /sessions/close`` on the first closes the
+    subject's sessions on both (1008 and the reason, within 1 s), leaves another subject's alone, and
+    counts both replicas. With Redis gone, the replica asked still closes its own and says 503."""
+    server = redis_server()
+    redis = f"limiter: {{redis: {{url: '{server.url}', key_prefix: 'adm{uuid.uuid4().hex[:6]}:'}}}}\n"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_text(redis + admin_policy(upstream)))
+    env = {"WSGATE_TEST_SECRET": SECRET, "WSGATE_TEST_ADMIN_TOKEN": ADMIN_TOKEN}
+    replicas = []
+    for _ in range(2):
+        process = wsgate_process("serve", "-c", str(policy), "--log-format", "json", env=env)
+        listening = await process.wait_for("gateway.listening")
+        port = int(listening["address"].rsplit(":", 1)[1])
+        await process.wait_for("cluster.subscribed")
+        replicas.append((process, f"ws://127.0.0.1:{port}/echo", f"http://{listening['admin']}"))
+
+    async with aiohttp.ClientSession() as client:
+
+        async def connect(url: str, subject: str) -> aiohttp.ClientWebSocketResponse:
+            headers = {"Authorization": f"Bearer {user_token(subject)}", "X-Forwarded-For": "192.0.2.7"}
+            ws = await client.ws_connect(url, headers=headers)
+            await ws.send_str("hello")
+            assert (await ws.receive(timeout=5)).data == "hello"
+            return ws
+
+        alice = [await connect(url, "alice") for _, url, _ in replicas]
+        bob = [await connect(url, "bob") for _, url, _ in replicas]
+        started = time.monotonic()
+        async with client.post(
+            replicas[0][2] + "/sessions/close",
+            json={"subject": "alice", "reason": "account suspended"},
+            headers=authorized(),
+        ) as response:
+            assert response.status == 200, await response.text()
+            assert await response.json() == {"closed": 2, "replicas": 2}
+        for ws in alice:
+            message = await ws.receive(timeout=1.5)
+            assert (message.type, message.data, message.extra) == (
+                WSMsgType.CLOSE,
+                1008,
+                "account suspended",
+            )
+        assert time.monotonic() - started < 1.5
+        for ws in bob:
+            await ws.send_str("still here")
+            assert (await ws.receive(timeout=5)).data == "still here"
+
+        server.stop()
+        async with client.post(
+            replicas[1][2] + "/sessions/close", json={"subject": "bob"}, headers=authorized()
+        ) as response:
+            assert response.status == 503
+            answer = await response.json()
+        assert answer["closed"] == 1 and answer["replicas"] == 1
+        assert "other replicas not reached" in answer["error"]
+        message = await bob[1].receive(timeout=2)
+        assert (message.type, message.data) == (WSMsgType.CLOSE, 1008)
+        await bob[0].send_str("still here")  # the other replica was not reached
+        assert (await bob[0].receive(timeout=5)).data == "still here"
+        await bob[0].close()
+    for process, _, _ in replicas:
+        assert not any("Traceback" in line for line in process.stderr)
+        assert not any("admin-token-0123456789" in line for line in process.lines + process.stderr)
