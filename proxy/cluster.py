@@ -119,9 +119,8 @@ class Cluster:
             try:
                 await pubsub.subscribe(self.requests, self.replies)
                 self.subscribed.set()
-                if lost:
-                    logs.event("cluster.subscribed", redis=self.where)
-                    lost = False
+                logs.event("cluster.subscribed", redis=self.where, again=lost)
+                lost = False
                 while True:
                     message = await pubsub.get_message(timeout=COMMAND_TIMEOUT)
                     if message is not None and message.get("type") == "message":
