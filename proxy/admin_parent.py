@@ -78,6 +78,10 @@ class SupervisorAdmin:
         self._runner: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
         self.address: Address | None = None
+        #: Each worker's last scrape, by index, with the pid it came from.
+        self._last_scrape: dict[int, tuple[int, MergedMetrics]] = {}
+        #: The counters of workers' processes that are gone and were replaced.
+        self._retired = MergedMetrics()
 
     async def start(self, address: Address) -> Address:
         """Listen on ``address`` (``SO_REUSEPORT``, as every wsgate listener).
@@ -158,24 +162,27 @@ class SupervisorAdmin:
     async def metrics(self, request: web.Request) -> web.Response:
         """Every worker's metrics merged, in the format the scraper's ``Accept`` asks for."""
         workers = self.view.workers()
-        answers = await self._ask_all(
-            request, "/metrics", headers={}, workers=workers
-        )  # the text format, whatever was asked
+        answers = await self._ask_all(request, "/metrics", headers={}, workers=workers)  # the text format
         merged = MergedMetrics()
-        scraped = 0
-        for answer in answers:
-            if answer is None or answer.status != 200:
-                continue
-            try:
-                merged.add_exposition(answer.body.decode())
-            except ValueError as error:
-                logs.event("supervisor.metrics_unreadable", index=answer.worker.index, error=str(error))
-                continue
-            scraped += 1
+        fresh: set[int] = set()
+        for worker, answer in zip(workers, answers, strict=True):
+            last = self._last_scrape.get(worker.index)
+            if last is not None and last[0] != worker.pid:  # a new process: the old one's counters retire
+                self._retired.merge(last[1], monotonic_only=True)
+                del self._last_scrape[worker.index]
+            parsed = self._parsed(answer)
+            if parsed is not None:
+                self._last_scrape[worker.index] = (worker.pid, parsed)
+                merged.merge(parsed)
+                fresh.add(worker.index)
+        for index, (_, last_metrics) in self._last_scrape.items():
+            if index not in fresh:  # gone or too slow now: what it counted still counts
+                merged.merge(last_metrics, monotonic_only=True)
+        merged.merge(self._retired)
         merged.add_metric(GaugeMetricFamily("wsgate_workers", "Worker processes up.", value=len(workers)))
         merged.add_metric(
             GaugeMetricFamily(
-                "wsgate_workers_scraped", "Workers whose metrics this scrape holds.", value=scraped
+                "wsgate_workers_scraped", "Workers whose metrics this scrape holds.", value=len(fresh)
             )
         )
         merged.add_metric(
@@ -187,6 +194,16 @@ class SupervisorAdmin:
         registry.register(merged)
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
+
+    @staticmethod
+    def _parsed(answer: _Answer | None) -> MergedMetrics | None:
+        if answer is None or answer.status != 200:
+            return None
+        try:
+            return MergedMetrics.parse(answer.body.decode())
+        except ValueError as error:  # UnicodeDecodeError too
+            logs.event("supervisor.metrics_unreadable", index=answer.worker.index, error=str(error))
+            return None
 
     async def healthz(self, request: web.Request) -> web.Response:
         """The supervisor is alive and its event loop answers."""

@@ -15,6 +15,11 @@ and merges samples that have the same name and labels:
 
 Families keep their type and help text and the order the first worker gave; a series only some workers
 have is merged from those that have it.
+
+Counters stay monotonic across a worker's restart: the supervisor keeps each worker's last scrape, and
+when a worker is gone (dead, being restarted, or replaced by a new process) its last counters and
+histograms stay in the totals (its gauges do not: its sessions are gone). Increments between that last
+scrape and its death are lost, so the totals never go down, but may miss a few events of a killed worker.
 """
 
 from __future__ import annotations
@@ -62,32 +67,57 @@ def _combine(rule: str, old: float, new: float) -> float:
     return 1.0
 
 
+#: Metric types whose samples only grow during a process's life (until it restarts).
+MONOTONIC = frozenset({"counter", "histogram", "summary"})
+
+
 class MergedMetrics(Collector):
     """The merge of several workers' expositions, as a collector the supervisor's registry exports."""
 
     def __init__(self) -> None:
         self._families: dict[str, _Family] = {}
 
-    def add_exposition(self, text: str) -> None:
-        """Merge one worker's ``/metrics`` (Prometheus text format).
+    @classmethod
+    def parse(cls, text: str) -> MergedMetrics:
+        """One worker's ``/metrics`` (Prometheus text format).
 
         Raises:
             ValueError: the text is not a valid exposition.
         """
-        for parsed in text_string_to_metric_families(text):
-            family = self._families.get(parsed.name)
+        parsed = cls()
+        for metric in text_string_to_metric_families(text):
+            parsed.add_metric(metric)
+        return parsed
+
+    def add_exposition(self, text: str) -> None:
+        """Merge one worker's ``/metrics`` into these.
+
+        Raises:
+            ValueError: the text is not a valid exposition.
+        """
+        self.merge(MergedMetrics.parse(text))
+
+    def merge(self, other: MergedMetrics, monotonic_only: bool = False) -> None:
+        """Merge ``other``'s samples into these (by the rules of the module docstring); with
+        ``monotonic_only``, only its counters and histograms (what a worker that is gone still counts)."""
+        for name, theirs in other._families.items():
+            if monotonic_only and theirs.kind not in MONOTONIC:
+                continue
+            family = self._families.get(name)
             if family is None:
-                family = self._families[parsed.name] = _Family(parsed.name, parsed.documentation, parsed.type)
-            for sample in parsed.samples:
-                key = (sample.name, tuple(sorted(sample.labels.items())))
-                rule = merge_rule(parsed.name, sample.name)
-                value = 1.0 if rule == "one" else sample.value
+                family = self._families[name] = _Family(name, theirs.documentation, theirs.kind)
+            for key, value in theirs.samples.items():
+                rule = merge_rule(name, key[0])
                 old = family.samples.get(key)
-                family.samples[key] = value if old is None else _combine(rule, old, value)
+                family.samples[key] = (
+                    (1.0 if rule == "one" else value) if old is None else _combine(rule, old, value)
+                )
 
     def add_metric(self, metric: Metric) -> None:
-        """Add a family of the supervisor's own (not merged with anything)."""
-        family = self._families[metric.name] = _Family(metric.name, metric.documentation, metric.type)
+        """Add one family as it is (the supervisor's own, or one parsed from a worker)."""
+        family = self._families.get(metric.name)
+        if family is None:
+            family = self._families[metric.name] = _Family(metric.name, metric.documentation, metric.type)
         for sample in metric.samples:
             family.samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
 

@@ -193,26 +193,80 @@ async def test_sigterm_drains_both_workers_with_1001_and_exits_0(upstream, wsgat
 
 async def test_a_killed_worker_is_logged_and_started_again(upstream, wsgate_process, tmp_path):
     workers = await start_workers(wsgate_process, write_policy(tmp_path / "p.yaml", upstream.url("/")))
-    victim = next(entry for entry in workers.process.events("worker.started") if entry["index"] == 1)
-    os.kill(victim["pid"], signal.SIGKILL)
-    exited = await workers.process.wait_for("worker.exited", index=1)
-    assert (exited["pid"], exited["signal"]) == (victim["pid"], "SIGKILL")
-    restarted = await until(lambda: _restarted(workers, victim["pid"]), what="worker 1 started again")
-    assert restarted["index"] == 1
-
-    async def ready() -> bool:
-        status, _ = await workers.get("/readyz")
-        return status == 200
-
-    await until(ready, what="readyz 200 again")
-    _, text = await workers.get("/metrics")
-    assert samples(text, "wsgate_worker_restarts_total") == {"": 1.0}
-    assert samples(text, "wsgate_workers") == {"": 2.0}
     async with aiohttp.ClientSession() as session:
-        for ws in await sessions_on_both(session, workers):  # the new worker 1 serves too
+        before = await sessions_on_both(session, workers)
+        for ws in before:
             await ws.close()
+        _, text = await workers.get("/metrics")
+        assert samples(text, "wsgate_connections_total") == {'{route="/echo"}': len(before)}
+        victim = next(entry for entry in workers.process.events("worker.started") if entry["index"] == 1)
+        os.kill(victim["pid"], signal.SIGKILL)
+        exited = await workers.process.wait_for("worker.exited", index=1)
+        assert (exited["pid"], exited["signal"]) == (victim["pid"], "SIGKILL")
+        _, text = await workers.get("/metrics")  # while it is away, what it counted still counts
+        assert samples(text, "wsgate_connections_total") == {'{route="/echo"}': len(before)}
+        restarted = await until(lambda: _restarted(workers, victim["pid"]), what="worker 1 started again")
+        assert restarted["index"] == 1
+
+        async def ready() -> bool:
+            status, _ = await workers.get("/readyz")
+            return status == 200
+
+        await until(ready, what="readyz 200 again")
+        after = await sessions_on_both(session, workers)  # the new worker 1 serves too
+        for ws in after:
+            await ws.close()
+        _, text = await workers.get("/metrics")
+        assert samples(text, "wsgate_worker_restarts_total") == {"": 1.0}
+        assert samples(text, "wsgate_workers") == {"": 2.0}
+        assert samples(text, "wsgate_connections_active") == {'{route="/echo"}': 0.0}
+        total = samples(text, "wsgate_connections_total")  # monotonic across the restart
+        assert total == {'{route="/echo"}': len(before) + len(after)}
     workers.process.signal(signal.SIGTERM)
     assert await workers.process.wait_exit() == 0
+
+
+async def test_a_second_signal_cuts_every_worker_at_once_and_exits_1(upstream, wsgate_process, tmp_path):
+    limits = "limits: {drain_timeout: 30s, close_timeout: 30s}\n"
+    workers = await start_workers(
+        wsgate_process, write_policy(tmp_path / "p.yaml", upstream.url("/"), limits)
+    )
+    async with aiohttp.ClientSession() as session:
+        opened = await sessions_on_both(session, workers)  # never read again: the 1001s stay unanswered
+        workers.process.signal(signal.SIGTERM)
+        for index in (0, 1):
+            await workers.process.wait_for("gateway.draining", worker=index)
+        started = time.monotonic()
+        workers.process.signal(signal.SIGTERM)
+        assert await workers.process.wait_exit() == 1
+        assert time.monotonic() - started < 3
+        assert workers.process.events("supervisor.stopped")[0]["exit_codes"] == [1, 1]
+        for ws in opened:
+            await ws.close()
+
+
+async def test_workers_drain_when_the_supervisor_is_killed(upstream, wsgate_process, tmp_path):
+    workers = await start_workers(wsgate_process, write_policy(tmp_path / "p.yaml", upstream.url("/")))
+    pids = [entry["pid"] for entry in workers.process.events("worker.started")]
+    workers.process.process.kill()
+    workers.process.process.wait(5)
+
+    async def all_gone() -> bool:
+        return not any(_running(pid) for pid in pids)
+
+    await until(all_gone, what="workers without a supervisor to exit")
+    for index in (0, 1):
+        await workers.process.wait_for("worker.orphaned", index=index)
+        await workers.process.wait_for("gateway.stopped", worker=index, drained=True)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 async def _restarted(workers: Workers, old_pid: int) -> dict[str, Any] | None:
