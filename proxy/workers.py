@@ -61,6 +61,8 @@ class WorkerSlot:
     started_at: float = 0.0
     backoff: float = BACKOFF_FIRST
     exited: asyncio.Event = field(default_factory=asyncio.Event)
+    #: What sets ``exited`` when the current process ends.
+    waiter: asyncio.Future[int] | None = None
 
 
 class Supervisor:
@@ -193,7 +195,7 @@ class Supervisor:
         if self.stopping:  # a signal came while it was being started
             process.send_signal(signal.SIGTERM)
         exited = slot.exited
-        exit_task = asyncio.ensure_future(process.wait())
+        exit_task = slot.waiter = asyncio.ensure_future(process.wait())
         exit_task.add_done_callback(lambda _: exited.set())
         if slot.channel is not None:
             slot.channel.close()
@@ -202,7 +204,7 @@ class Supervisor:
         done, _ = await asyncio.wait(
             {report, exit_task}, timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
         )
-        if report not in done or not report.result():
+        if report not in done or report.exception() is not None or not report.result():
             report.cancel()
             if process.returncode is None:
                 process.kill()

@@ -15,10 +15,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import WSMsgType
+from aiohttp import WSMsgType, web
 from conftest import REPO
 
+from proxy.admin_parent import SupervisorAdmin, SupervisorView, WorkerEndpoint
 from proxy.policy.load import load_policy
+from proxy.policy.model import Address
 
 pytestmark = pytest.mark.serve_process
 
@@ -139,6 +141,10 @@ async def test_sessions_land_on_both_workers_and_one_scrape_counts_them_all(
         status, body = await workers.get("/policy")
         assert status == 200 and policy.sha256 in body
         status, _ = await workers.get("/sessions")  # no admin.token_env: the workers answer 404, passed on
+        assert status == 404
+        async with session.post(f"http://127.0.0.1:{workers.admin}/sessions/close", json={}) as response:
+            assert response.status == 404
+        status, _ = await workers.get("/status.json")  # anything else is worker 0's answer
         assert status == 404
     workers.process.signal(signal.SIGTERM)
     assert await workers.process.wait_exit() == 0
@@ -313,3 +319,55 @@ async def test_a_worker_refuses_a_reload_into_unshared_limits(upstream, wsgate_p
     assert samples(text, "wsgate_policy_info") == {f'{{hash="{running}",version="1"}}': 1.0}
     workers.process.signal(signal.SIGTERM)
     assert await workers.process.wait_exit() == 0
+
+
+async def test_the_supervisor_admin_concatenates_sessions_and_sums_closes_over_real_listeners():
+    """The forwarding of ``/sessions`` on its own: two aiohttp servers stand for the workers' admin."""
+
+    def worker_admin(index: int) -> web.Application:
+        async def listed(request: web.Request) -> web.Response:
+            if request.headers.get("Authorization") != "Bearer right":
+                return web.json_response({"error": "unauthorized"}, status=401)
+            return web.json_response([{"worker": index, "query": request.query_string}])
+
+        async def close(request: web.Request) -> web.Response:
+            body = await request.json()
+            return web.json_response({"closed": index + 1 if body == {"route": "/echo"} else 0})
+
+        app = web.Application()
+        app.router.add_get("/sessions", listed)
+        app.router.add_post("/sessions/close", close)
+        return app
+
+    runners, endpoints = [], []
+    for index in (0, 1):
+        runner = web.AppRunner(worker_admin(index))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        endpoints.append(WorkerEndpoint(index, os.getpid(), Address("127.0.0.1", runner.addresses[0][1])))
+    admin = SupervisorAdmin(
+        SupervisorView(workers=lambda: endpoints, expected=2, draining=lambda: False, restarts=lambda: 0)
+    )
+    address = await admin.start(Address("127.0.0.1", 0))
+    base = f"http://127.0.0.1:{address.port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            right = {"Authorization": "Bearer right"}
+            async with session.get(f"{base}/sessions?route=/echo", headers=right) as response:
+                assert response.status == 200
+                assert await response.json() == [
+                    {"worker": 0, "query": "route=/echo"},
+                    {"worker": 1, "query": "route=/echo"},
+                ]
+            async with session.get(f"{base}/sessions", headers={"Authorization": "Bearer wrong"}) as response:
+                assert (response.status, await response.json()) == (401, {"error": "unauthorized"})
+            async with session.post(
+                f"{base}/sessions/close", json={"route": "/echo"}, headers=right
+            ) as response:
+                assert (response.status, await response.json()) == (200, {"closed": 3})
+    finally:
+        await admin.stop()
+        for runner in runners:
+            await runner.cleanup()
