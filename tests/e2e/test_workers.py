@@ -232,6 +232,22 @@ async def test_a_killed_worker_is_logged_and_started_again(upstream, wsgate_proc
     assert await workers.process.wait_exit() == 0
 
 
+async def test_a_worker_that_keeps_dying_is_restarted_with_a_doubling_backoff(
+    upstream, wsgate_process, tmp_path
+):
+    workers = await start_workers(wsgate_process, write_policy(tmp_path / "p.yaml", upstream.url("/")))
+    delays = []
+    pid = next(entry["pid"] for entry in workers.process.events("worker.started") if entry["index"] == 0)
+    for _ in range(3):
+        os.kill(pid, signal.SIGKILL)
+        exited = await workers.process.wait_for("worker.exited", index=0, pid=pid)
+        delays.append(exited["restart_in_s"])
+        pid = (await until(lambda old=pid: _restarted(workers, old, index=0), what="worker 0 again"))["pid"]
+    assert delays == [0.5, 1.0, 2.0]
+    workers.process.signal(signal.SIGTERM)
+    assert await workers.process.wait_exit() == 0
+
+
 async def test_a_second_signal_cuts_every_worker_at_once_and_exits_1(upstream, wsgate_process, tmp_path):
     limits = "limits: {drain_timeout: 30s, close_timeout: 30s}\n"
     workers = await start_workers(
@@ -275,9 +291,13 @@ def _running(pid: int) -> bool:
         return False
 
 
-async def _restarted(workers: Workers, old_pid: int) -> dict[str, Any] | None:
-    started = workers.process.events("worker.started")
-    return next((entry for entry in started if entry["index"] == 1 and entry["pid"] != old_pid), None)
+async def _restarted(workers: Workers, old_pid: int, index: int = 1) -> dict[str, Any] | None:
+    """The ``worker.started`` line of worker ``index`` after ``old_pid``, if it was logged."""
+    started = [entry for entry in workers.process.events("worker.started") if entry["index"] == index]
+    pids = [entry["pid"] for entry in started]
+    if old_pid not in pids or pids[-1] == old_pid:
+        return None
+    return started[-1]
 
 
 @pytest.mark.parametrize(
