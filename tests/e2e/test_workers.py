@@ -5,6 +5,7 @@ worker comes back, and limits that would be counted per worker are refused witho
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -339,6 +340,54 @@ async def test_a_worker_refuses_a_reload_into_unshared_limits(upstream, wsgate_p
     assert samples(text, "wsgate_policy_info") == {f'{{hash="{running}",version="1"}}': 1.0}
     workers.process.signal(signal.SIGTERM)
     assert await workers.process.wait_exit() == 0
+
+
+async def test_sessions_of_every_worker_are_listed_and_closed_through_the_admin_address(
+    upstream, wsgate_process, tmp_path
+):
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        'version: 1\nlisten: {address: "127.0.0.1:0"}\n'
+        'admin: {address: "127.0.0.1:0", token_env: WSGATE_TEST_ADMIN_TOKEN}\n'
+        f"routes:\n  - path: /echo\n    upstream: {upstream.url('/')}\n    auth: none\n"
+    )
+    process = wsgate_process(
+        "serve",
+        "-c",
+        str(policy),
+        "--workers",
+        "2",
+        "--log-format",
+        "json",
+        env={"WSGATE_TEST_ADMIN_TOKEN": "admin-token-0123456789"},
+    )
+    listening = await process.wait_for("supervisor.listening", timeout=20)
+    workers = Workers(
+        process, int(listening["address"].rsplit(":", 1)[1]), int(listening["admin"].rsplit(":", 1)[1])
+    )
+    token = {"Authorization": "Bearer admin-token-0123456789"}
+    async with aiohttp.ClientSession() as session:
+        opened = await sessions_on_both(session, workers)
+        status, body = await workers.get("/sessions", **token)
+        assert status == 200
+        listed = {entry["request_id"] for entry in json.loads(body)}
+        assert listed == {entry["request_id"] for entry in process.events("session.open")}
+        assert len(listed) == len(opened)
+        status, _ = await workers.get("/sessions", Authorization="Bearer wrong")
+        assert status == 401
+        url = f"http://127.0.0.1:{workers.admin}/sessions/close"
+        async with session.post(
+            url, json={"route": "/echo", "reason": "maintenance"}, headers=token
+        ) as response:
+            assert response.status == 200
+            assert (await response.json())["closed"] == len(opened)
+        for ws in opened:
+            message = await ws.receive(timeout=5)
+            assert (message.type, message.data, message.extra) == (WSMsgType.CLOSE, 1008, "maintenance")
+        async with session.post(url, json={}, headers=token) as response:
+            assert response.status == 400  # a worker's refusal is passed on as is
+    process.signal(signal.SIGTERM)
+    assert await process.wait_exit() == 0
 
 
 async def test_the_supervisor_admin_concatenates_sessions_and_sums_closes_over_real_listeners():
