@@ -145,7 +145,9 @@ async def test_sessions_land_on_both_workers_and_one_scrape_counts_them_all(
         assert status == 404
         async with session.post(f"http://127.0.0.1:{workers.admin}/sessions/close", json={}) as response:
             assert response.status == 404
-        status, _ = await workers.get("/status.json")  # anything else is worker 0's answer
+        status, body = await workers.get("/status.json")  # anything else is worker 0's answer
+        assert status == 200 and json.loads(body)["routes"] == [{"path": "/echo", "live_sessions": 0}]
+        status, _ = await workers.get("/no/such/page")
         assert status == 404
     workers.process.signal(signal.SIGTERM)
     assert await workers.process.wait_exit() == 0
