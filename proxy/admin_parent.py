@@ -8,7 +8,8 @@ Each worker has a private admin listener on 127.0.0.1; this one answers for the 
 * ``/readyz``: 200 only when every worker answers 200; otherwise 503 naming the workers that do not;
 * ``/healthz``: the supervisor's loop answers; ``/policy``: worker 0's answer;
 * ``GET /sessions``: every worker's list, concatenated; ``POST /sessions/close``: sent to every worker,
-  ``closed`` summed. A worker's 401 or 404 (no token configured, or a wrong one) is passed on as is;
+  ``closed`` summed, unless the workers share a Redis (then worker 0's close reached them all, and its
+  answer is the answer). A worker's 401, 404 or 400 is passed on as is;
 * any other path is forwarded to worker 0 unchanged.
 """
 
@@ -246,19 +247,42 @@ class SupervisorAdmin:
         return web.json_response(listed)
 
     async def close_sessions(self, request: web.Request) -> web.Response:
-        """The same close request to every worker; how many sessions they closed, together."""
-        answers = await self._ask_all(request, request.path_qs, await request.read())
-        refused = _first_refusal(answers)
+        """Close the sessions the body names, on every worker; ``{"closed": N, ...}``.
+
+        Worker 0 is asked first. When the workers share a Redis, its close already reached every worker
+        (and every other replica): its answer, with ``replicas``, is the whole answer. Otherwise (no Redis,
+        or Redis unavailable: that worker closed only its own) the others are asked too, and their
+        numbers are summed; an ``error`` one of them gave is kept.
+        """
+        workers = self.view.workers()
+        if not workers:
+            return web.json_response({"error": "no worker is running"}, status=503)
+        body = await request.read()
+        first = await self._ask_all(request, request.path_qs, body, workers=workers[:1])
+        refused = _first_refusal(first)
         if refused is not None:
             return refused
-        closed = 0
-        for answer in answers:
-            assert answer is not None  # _first_refusal answered for a worker that did not
-            body = _json(answer.body)
-            if not isinstance(body, dict) or not isinstance(body.get("closed"), int):
+        assert first[0] is not None  # _first_refusal answered for a worker that did not
+        result = _json(first[0].body)
+        if not isinstance(result, dict) or not isinstance(result.get("closed"), int):
+            return _unexpected(first[0], 'a JSON object with "closed"')
+        if "replicas" in result and "error" not in result:
+            return self._passed_on(first[0])
+        others = await self._ask_all(request, request.path_qs, body, workers=workers[1:])
+        refused = _first_refusal(others)
+        if refused is not None:
+            return refused
+        for answer in others:
+            assert answer is not None  # as above
+            more = _json(answer.body)
+            if not isinstance(more, dict) or not isinstance(more.get("closed"), int):
                 return _unexpected(answer, 'a JSON object with "closed"')
-            closed += body["closed"]
-        return web.json_response({"closed": closed})
+            for key, value in more.items():
+                if isinstance(value, int) and isinstance(result.get(key), int):
+                    result[key] += value
+                else:
+                    result.setdefault(key, value)
+        return web.json_response(result)
 
     async def forward(self, request: web.Request) -> web.Response:
         """Anything else: worker 0's answer (``/policy``, the page, ``/status.json``...)."""

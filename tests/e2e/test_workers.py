@@ -392,6 +392,54 @@ async def test_sessions_of_every_worker_are_listed_and_closed_through_the_admin_
     assert await process.wait_exit() == 0
 
 
+async def test_with_a_shared_redis_limits_count_across_workers_and_one_close_reaches_both(
+    upstream, wsgate_process, tmp_path, redis_server
+):
+    redis = redis_server()
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        'version: 1\nlisten: {address: "127.0.0.1:0"}\n'
+        'admin: {address: "127.0.0.1:0", token_env: WSGATE_TEST_ADMIN_TOKEN}\n'
+        f'limiter: {{redis: {{url: "{redis.url}"}}}}\nlimits: {{connections_per_ip: 4}}\n'
+        f"routes:\n  - path: /echo\n    upstream: {upstream.url('/')}\n    auth: none\n"
+    )
+    process = wsgate_process(
+        "serve",
+        "-c",
+        str(policy),
+        "--workers",
+        "2",
+        "--log-format",
+        "json",
+        env={"WSGATE_TEST_ADMIN_TOKEN": "admin-token-0123456789"},
+    )
+    listening = await process.wait_for("supervisor.listening", timeout=20)
+    workers = Workers(
+        process, int(listening["address"].rsplit(":", 1)[1]), int(listening["admin"].rsplit(":", 1)[1])
+    )
+    token = {"Authorization": "Bearer admin-token-0123456789"}
+    async with aiohttp.ClientSession() as session:
+        opened = []
+        for _ in range(4):
+            ws = await session.ws_connect(workers.url())
+            await ws.send_str("ping")
+            assert (await ws.receive(timeout=5)).data == "ping"
+            opened.append(ws)
+        for _ in range(6):  # whichever worker the kernel picks, the cap is the gateway's, not a worker's
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await session.ws_connect(workers.url())
+            assert refused.value.status == 429
+        url = f"http://127.0.0.1:{workers.admin}/sessions/close"
+        async with session.post(url, json={"client_ip": "127.0.0.1"}, headers=token) as response:
+            assert response.status == 200
+            assert await response.json() == {"closed": 4, "replicas": 2}  # one close, through Redis
+        for ws in opened:
+            message = await ws.receive(timeout=5)
+            assert (message.type, message.data) == (WSMsgType.CLOSE, 1008)
+    process.signal(signal.SIGTERM)
+    assert await process.wait_exit() == 0
+
+
 async def test_the_supervisor_admin_concatenates_sessions_and_sums_closes_over_real_listeners():
     """The forwarding of ``/sessions`` on its own: two aiohttp servers stand for the workers' admin."""
 
