@@ -60,9 +60,15 @@ _CONNECTION_GONE = frozenset(
 )
 
 
-async def bind_sockets(address: Address, backlog: int) -> list[socket.socket]:
+async def bind_sockets(address: Address, backlog: int, listen: bool = True) -> list[socket.socket]:
     """Listening, non-blocking sockets for every address ``address.host`` resolves to, as
-    ``loop.create_server`` would bind them (``SO_REUSEADDR``; IPv6 sockets IPv6 only).
+    ``loop.create_server`` would bind them (``SO_REUSEADDR``; IPv6 sockets IPv6 only), plus
+    ``SO_REUSEPORT``: a second wsgate (the next one, during a restart, or a sibling worker) can listen on
+    the same address while this one runs, and the kernel spreads new connections over all of them. A
+    socket that holds the address without ``SO_REUSEPORT`` still makes the bind fail.
+
+    With ``listen=False`` the sockets are bound only: they hold the address (and the port chosen for
+    port 0) for processes that will listen on it, and receive no connections themselves.
 
     Raises:
         OSError: the name does not resolve, or an address cannot be bound.
@@ -77,10 +83,13 @@ async def bind_sockets(address: Address, backlog: int) -> list[socket.socket]:
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if hasattr(socket, "SO_REUSEPORT"):  # not on every platform; Linux and the BSDs have it
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(sockaddr)
-            sock.listen(backlog)
+            if listen:
+                sock.listen(backlog)
             sock.setblocking(False)
     except OSError:
         for sock in sockets:

@@ -35,6 +35,7 @@ from proxy.request import HandshakeRequest
 from proxy.session_control import Selector, close_matching
 from proxy.sessions import SessionRegistry
 from proxy.upstream import forget_tls_contexts
+from proxy.worker import WORKER_ADMIN, SupervisorChannel, WorkerRole
 
 
 def _reason(error: OSError) -> str:
@@ -59,10 +60,18 @@ def listener_tls_context(tls: TlsListen) -> ssl.SSLContext:
 
 
 class Gateway:
-    """One gateway process's state: the active policy, the listener, the live sessions."""
+    """One gateway process's state: the active policy, the listener, the live sessions.
 
-    def __init__(self, policy: Policy) -> None:
+    ``listen_address`` and ``admin_address``, when given, are bound instead of the policy's (a worker binds
+    the port its supervisor holds, and a private admin listener); reloads still compare the policy's own.
+    """
+
+    def __init__(
+        self, policy: Policy, listen_address: Address | None = None, admin_address: Address | None = None
+    ) -> None:
         self.policy = policy
+        self._listen_at = listen_address
+        self._admin_at = admin_address
         self.sessions = SessionRegistry()
         self.metrics = Metrics(lambda: self.sessions)
         # -- the limiter and session control across replicas (a Redis when the policy names one)
@@ -122,21 +131,21 @@ class Gateway:
     async def start(self) -> Address:
         """Start listening; return the bound address (useful with port 0)."""
         listen = self.policy.listen
+        listen_at = self._listen_at or listen.address
+        admin_at = self._admin_at or self.policy.admin
         tls = self._tls_context = listener_tls_context(listen.tls) if listen.tls else None
         try:
-            sockets = await bind_sockets(listen.address, LISTEN_BACKLOG)
+            sockets = await bind_sockets(listen_at, LISTEN_BACKLOG)
         except OSError as error:
-            message = f"cannot listen on {listen.address} (listen.address): {_reason(error)}"
+            message = f"cannot listen on {listen_at} (listen.address): {_reason(error)}"
             raise StartupError(message) from None
         acceptor = Acceptor("client", sockets, self._accepted, self.metrics.accept_failed)
         self.address = Address(*acceptor.address)
         try:
-            self.admin_address = await self.admin.start(self.policy.admin, self.metrics.accept_failed)
+            self.admin_address = await self.admin.start(admin_at, self.metrics.accept_failed)
         except OSError as error:
             acceptor.close()
-            raise StartupError(
-                f"cannot listen on {self.policy.admin} (admin.address): {_reason(error)}"
-            ) from None
+            raise StartupError(f"cannot listen on {admin_at} (admin.address): {_reason(error)}") from None
         except BaseException:
             acceptor.close()
             raise
@@ -372,13 +381,19 @@ async def serve(
     watch_interval: float = 1.0,
     log_format: logs.LogFormat | None = None,
     log_level: str | None = None,
+    worker: WorkerRole | None = None,
 ) -> int:
     """Run a gateway until SIGTERM/SIGINT; a second signal cuts every connection at once.
 
     When the policy came from a file, the file is watched and SIGHUP reloads it at once. ``log_format``
     and ``log_level`` (from the command line) win over the policy's ``log`` section, also after reloads.
+    As one ``worker`` of a supervisor, it binds what the supervisor holds, reports its admin address to it,
+    refuses reloads the role forbids, and drains when the supervisor is gone.
     """
-    gateway = Gateway(policy)
+    if worker is None:
+        gateway = Gateway(policy)
+    else:
+        gateway = Gateway(policy, worker.listen_address(policy), WORKER_ADMIN)
     await gateway.start()
     loop = asyncio.get_running_loop()
     reloader: Reloader | None = None
@@ -396,6 +411,7 @@ async def serve(
             gateway.metrics,
             interval=watch_interval,
             files_changed=gateway.reload_files,
+            vet=worker.vet if worker is not None else None,
         )
         reloader.start()
         hup = reloader
@@ -420,6 +436,16 @@ async def serve(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    channel: SupervisorChannel | None = None
+    if worker is not None:
+
+        def on_supervisor_gone() -> None:
+            if stop_task is None:
+                on_signal(signal.SIGTERM)
+
+        channel = SupervisorChannel(worker)
+        assert gateway.address is not None and gateway.admin_address is not None  # set by start()
+        await channel.report(gateway.address, gateway.admin_address, on_supervisor_gone)
     stopped = asyncio.ensure_future(gateway.wait_stopped())
     force = asyncio.ensure_future(forced.wait())
     await asyncio.wait({stopped, force}, return_when=asyncio.FIRST_COMPLETED)
@@ -431,4 +457,6 @@ async def serve(
             await stop_task
     if reloader is not None:
         await reloader.stop()
+    if channel is not None:
+        channel.close()
     return 1 if forced.is_set() else 0

@@ -37,6 +37,20 @@ def _add_log_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: More workers than this is a typo, not a plan (one per core is the most that helps).
+MAX_WORKERS = 256
+
+
+def _worker_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= count <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_WORKERS}")
+    return count
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``wsgate`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -47,6 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the gateway", description="Run the gateway with a policy.")
     serve.add_argument("-c", "--config", required=True, metavar="FILE", help="policy file (YAML)")
+    serve.add_argument(
+        "--workers",
+        type=_worker_count,
+        default=1,
+        metavar="N",
+        help="worker processes, each a whole gateway on the same listen.address (SO_REUSEPORT), under a "
+        "supervisor that serves admin.address with every worker's totals, passes SIGHUP and SIGTERM on, "
+        "and restarts a worker that dies (default: 1, one process and no supervisor). Per-IP and "
+        "per-subject limits then need limiter.redis",
+    )
+    # Set by the supervisor for each worker it starts (see proxy.workers); not for people.
+    serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-port", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-fd", type=int, default=None, help=argparse.SUPPRESS)
     _add_log_options(serve)
 
     check = commands.add_parser(
@@ -128,10 +157,28 @@ def _schema(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from proxy.app import serve
+    from proxy.worker import WorkerRole, unshared_limits_problem
 
     policy = load_policy(args.config)
+    role = None
+    if args.worker_index is not None:
+        role = WorkerRole(args.worker_index, args.worker_of, args.worker_fd, args.worker_port)
+        role.tag_logs()
+    workers = role.workers if role is not None else args.workers
+    problem = unshared_limits_problem(policy, workers)
+    if problem is not None:
+        raise problem
     logs.apply_settings(policy.log, args.log_format, args.log_level)
-    return _run(serve(policy, log_format=args.log_format, log_level=args.log_level))
+    if role is None and workers > 1:
+        from proxy.workers import Supervisor
+
+        passed = [
+            f"--log-{name}={value}"
+            for name, value in (("format", args.log_format), ("level", args.log_level))
+            if value
+        ]
+        return _run(Supervisor(policy, args.config, workers, passed).run())
+    return _run(serve(policy, log_format=args.log_format, log_level=args.log_level, worker=role))
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -103,7 +103,8 @@ class Reloader:
     (SIGHUP).
 
     ``apply`` swaps the new policy in and enforces it; it is called only with a valid policy whose
-    listeners match the running ones.
+    listeners match the running ones, and that ``vet`` (when given) finds nothing against: ``vet`` says why
+    this process refuses a policy that is valid in itself (a worker of several, limits it cannot share).
     """
 
     def __init__(
@@ -114,8 +115,10 @@ class Reloader:
         metrics: Metrics,
         interval: float = 1.0,
         files_changed: Callable[[], None] | None = None,
+        vet: Callable[[Policy], str | None] | None = None,
     ) -> None:
         self.path = path
+        self._vet = vet
         self._current = current
         self._apply = apply
         self._files_changed = files_changed
@@ -180,6 +183,9 @@ class Reloader:
         problem = restart_needed(current, new)
         if problem is not None:
             return self._refuse(trigger, f"{self.path}: {problem}", restart_required=True)
+        refused = self._vet(new) if self._vet is not None else None
+        if refused is not None:
+            return self._refuse(trigger, refused)
         closed = self._apply(new)
         if self._files_changed is not None:
             self._files_changed()
