@@ -7,6 +7,8 @@ Each worker has a private admin listener on 127.0.0.1; this one answers for the 
   many workers answered this scrape in time; a slow one is left out rather than failing the scrape);
 * ``/readyz``: 200 only when every worker answers 200; otherwise 503 naming the workers that do not;
 * ``/healthz``: the supervisor's loop answers; ``/policy``: worker 0's answer;
+* ``/status.json`` (the admin page's document): computed here from the merged metrics, sampled every
+  ``StatusHistory.interval`` into the supervisor's own history, so the page counts every worker;
 * ``GET /sessions``: every worker's list, concatenated; ``POST /sessions/close``: sent to every worker,
   ``closed`` summed, unless the workers share a Redis (then worker 0's close reached them all, and its
   answer is the answer). A worker's 401, 404 or 400 is passed on as is;
@@ -16,6 +18,7 @@ Each worker has a private admin listener on 127.0.0.1; this one answers for the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from proxy import logs
 from proxy.accept import bind_sockets
+from proxy.admin_page import PolicyInfo, StatusHistory, status
 from proxy.metrics_merge import MergedMetrics
 from proxy.policy.model import Address
 
@@ -83,6 +87,9 @@ class SupervisorAdmin:
         self._last_scrape: dict[int, tuple[int, MergedMetrics]] = {}
         #: The counters of workers' processes that are gone and were replaced.
         self._retired = MergedMetrics()
+        #: The admin page's history, sampled from the merged metrics.
+        self.history = StatusHistory()
+        self._sampler: asyncio.Task[None] | None = None
 
     async def start(self, address: Address) -> Address:
         """Listen on ``address`` (``SO_REUSEPORT``, as every wsgate listener).
@@ -97,6 +104,7 @@ class SupervisorAdmin:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/sessions", self.sessions)
         app.router.add_post("/sessions/close", self.close_sessions)
+        app.router.add_get("/status.json", self.status)
         app.router.add_route("*", "/{tail:.*}", self.forward)
         self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WORKER_TIMEOUT))
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -105,9 +113,24 @@ class SupervisorAdmin:
             await web.SockSite(self._runner, sock).start()
         host, port = sockets[0].getsockname()[:2]
         self.address = Address(str(host), int(port))
+        self._sampler = asyncio.get_running_loop().create_task(self._sample_periodically())
         return self.address
 
+    async def _sample_periodically(self) -> None:
+        """One history sample of the merged metrics per interval, until :meth:`stop`."""
+        while True:
+            await asyncio.sleep(self.history.interval)
+            try:
+                self.history.sample((await self._merged()).collect())
+            except Exception:  # noqa: BLE001 - a bug costs the page one sample, never the supervisor
+                logs.LOGGER.exception("supervisor.sample_failed")
+
     async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
+            self._sampler = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -162,8 +185,33 @@ class SupervisorAdmin:
 
     async def metrics(self, request: web.Request) -> web.Response:
         """Every worker's metrics merged, in the format the scraper's ``Accept`` asks for."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(await self._merged())
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
+
+    async def status(self, request: web.Request) -> web.Response:
+        """The admin page's document over every worker: the merged metrics, and worker 0's policy."""
+        merged = await self._merged()
+        self.history.sample(merged.collect())
+        info = None
         workers = self.view.workers()
-        answers = await self._ask_all(request, "/metrics", headers={}, workers=workers)  # the text format
+        if workers:
+            answer = await self._ask(workers[0], "GET", "/policy", {})
+            policy = _json(answer.body) if answer is not None and answer.status == 200 else None
+            if isinstance(policy, dict):
+                routes = policy.get("routes")
+                info = PolicyInfo(
+                    sha256=policy.get("sha256") if isinstance(policy.get("sha256"), str) else None,
+                    routes=tuple(str(path) for path in routes) if isinstance(routes, list) else None,
+                )
+        document = status(merged.collect(), self.history, info)
+        return web.json_response(document, headers={"Cache-Control": "no-store"})
+
+    async def _merged(self) -> MergedMetrics:
+        """Every worker's scrape merged, with what gone and slow workers counted, and the supervisor's own."""
+        workers = self.view.workers()
+        answers = await asyncio.gather(*(self._ask(worker, "GET", "/metrics", {}) for worker in workers))
         merged = MergedMetrics()
         fresh: set[int] = set()
         for worker, answer in zip(workers, answers, strict=True):
@@ -191,10 +239,7 @@ class SupervisorAdmin:
                 "wsgate_worker_restarts", "Workers started again after they died.", value=self.view.restarts()
             )
         )
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(merged)
-        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
+        return merged
 
     @staticmethod
     def _parsed(answer: _Answer | None) -> MergedMetrics | None:

@@ -129,6 +129,10 @@ async def test_sessions_land_on_both_workers_and_one_scrape_counts_them_all(
         assert samples(text, "wsgate_policy_info") == {f'{{hash="{policy.sha256[:12]}",version="1"}}': 1.0}
         count = samples(text, "wsgate_handshake_duration_seconds_count")
         assert count == {'{route="/echo"}': len(opened)}
+        status, body = await workers.get("/status.json")  # the admin page counts every worker's sessions
+        document = json.loads(body)
+        assert status == 200 and document["routes"] == [{"path": "/echo", "live_sessions": len(opened)}]
+        assert document["policy"]["sha256"] == policy.sha256
         async with session.get(
             f"http://127.0.0.1:{workers.admin}/metrics",
             headers={"Accept": "application/openmetrics-text; version=1.0.0"},
@@ -145,7 +149,7 @@ async def test_sessions_land_on_both_workers_and_one_scrape_counts_them_all(
         assert status == 404
         async with session.post(f"http://127.0.0.1:{workers.admin}/sessions/close", json={}) as response:
             assert response.status == 404
-        status, body = await workers.get("/status.json")  # anything else is worker 0's answer
+        status, body = await workers.get("/status.json")
         assert status == 200 and json.loads(body)["routes"] == [{"path": "/echo", "live_sessions": 0}]
         status, _ = await workers.get("/no/such/page")
         assert status == 404
