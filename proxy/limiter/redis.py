@@ -16,9 +16,14 @@ What is guaranteed:
 - Every call is bounded by ``timeout``. A decision Redis cannot make in time follows ``on_error``:
   ``allow`` admits (a cap then records a *phantom* slot, released without Redis and counted in Redis
   once it is back), ``deny`` raises :class:`~proxy.errors.LimiterUnavailable` (503 to the client). While
-  Redis is known to be down, decisions do not wait: they follow ``on_error`` at once, and a probe
-  (``PING`` every 0.5 s) brings the limiter back. ``limiter.down`` and ``limiter.up`` are logged once per
-  change of state, never per request, and never with the password.
+  Redis is known to be down, decisions do not wait: they follow ``on_error`` at once, and a probe (a
+  short-lived write every 0.5 s, so that a full or read-only Redis stays down) brings the limiter back.
+  ``limiter.down`` and ``limiter.up`` are logged once per change of state, never per request, and never
+  with the password. At most :data:`MAX_CONNECTIONS` decisions are in flight; the others queue here.
+  Queueing, and a timeout while Redis answered other calls within ``timeout`` (this process's loop
+  running late under a burst), cost only that decision: they never mark Redis down.
+- A slot released while Redis cannot hear it, or taken by a handshake cancelled while Redis answered, is
+  removed once Redis is back (at most :data:`MAX_UNANSWERED` of them), not left for ``lease_ttl``.
 
 Redis key layout (``{p}`` is ``limiter.redis.key_prefix``, ``wsgate:`` by default; the rest is the
 guard's key: ``hs:``, ``ip:`` or ``sub:`` and the client, see :mod:`proxy.guards.limits`):
@@ -28,6 +33,7 @@ guard's key: ``hs:``, ``ip:`` or ``sub:`` and the client, see :mod:`proxy.guards
 - ``{p}ip:{client}``, ``{p}sub:{provider}:{subject}`` (sorted set): one member per slot held, the lease
   id ``{host}:{pid}:{random}:{n}`` scored with its expiry (ms, Redis's clock). Expires ``lease_ttl``
   after its last acquire or refresh; gone as soon as its last lease is released.
+- ``{p}probe`` (string): written by a replica's probe while its Redis was down; expires in 5 s.
 - ``{p}sessions.close`` and ``{p}sessions.closed``: pub/sub channels of :mod:`proxy.cluster` (no keys).
 
 Memory, measured with ``MEMORY USAGE`` on Redis 7.0 (jemalloc, 64-bit), default prefix, a 33-character
@@ -46,6 +52,7 @@ import itertools
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
@@ -63,11 +70,15 @@ from proxy.policy.model import RedisLimiter as RedisSettings
 #: What a failed call to Redis raises: its own errors, socket errors, and our own bound (asyncio.timeout).
 REDIS_FAILURES: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
 
-#: Seconds between PINGs while Redis is down.
+#: Seconds between probes while Redis is down; a probe writes one short-lived key.
 PROBE_INTERVAL = 0.5
+PROBE_TTL_MS = 5_000
 
-#: Connections one limiter opens to Redis at most; a decision waits for one within ``timeout``.
+#: Connections one limiter opens to Redis at most, and so its decisions in flight; the others queue.
 MAX_CONNECTIONS = 32
+#: How long a decision may queue for one of those connections. Beyond it, that decision follows
+#: ``on_error`` (the gateway is overloaded, not Redis), and the limiter stays up.
+QUEUE_TIMEOUT = 1.0
 
 #: Unanswered lease requests remembered for removal; beyond these, a lease Redis took after its caller
 #: gave up lingers until lease_ttl.
@@ -151,7 +162,7 @@ def connect(
         "socket_connect_timeout": timeout,
         "retry": Retry(NoBackoff(), 0),
         "max_connections": max_connections,
-        "timeout": timeout,  # waiting for a free connection of the pool
+        "timeout": QUEUE_TIMEOUT,  # waiting for a free connection (the limiter's gate queues first)
     }
     if settings.password is not None:
         options["password"] = settings.password
@@ -199,11 +210,20 @@ class RedisLimiter:
         self._unanswered: list[tuple[str, str]] = []
         #: Leases released while a refresh was under way: the refresh may have re-added them.
         self._released_in_refresh: list[tuple[str, str]] | None = None
+        #: Decisions in flight, at most one per pooled connection: waiting here is queueing in this
+        #: process, which says nothing about Redis (only a call that was sent can mark it down).
+        self._gate = asyncio.Semaphore(MAX_CONNECTIONS)
+        #: When Redis last answered a call (monotonic).
+        self._answered_at = 0.0
         self._up = True
         self._down = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._cleanups: set[asyncio.Task[None]] = set()
+        #: One refresh at a time (the refresher's and a recovery's), so a lease released meanwhile is
+        #: seen by the refresh that may have re-added it.
+        self._refreshing = asyncio.Lock()
         self._closed = False
 
     # -- state ----------------------------------------------------------------------------
@@ -231,9 +251,9 @@ class RedisLimiter:
         if self._closed:
             return
         self._closed = True
-        for task in self._tasks:
+        for task in (*self._tasks, *self._cleanups):
             task.cancel()
-        for task in self._tasks:
+        for task in (*self._tasks, *self._cleanups):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         leases, self._leases = self._leases, {}
@@ -276,6 +296,11 @@ class RedisLimiter:
         except LimiterUnavailable:
             self._unanswered_lease(sent, key, lease)
             raise
+        except asyncio.CancelledError:
+            # Redis may have taken the lease before the handshake was cancelled: remove it now.
+            if sent:
+                self._remove_later(key, lease)
+            raise
         if taken is None:
             self._unanswered_lease(sent, key, lease)
             self._phantoms[key] = self._phantoms.get(key, 0) + 1
@@ -303,12 +328,27 @@ class RedisLimiter:
         self._check_idle()
         if self._released_in_refresh is not None:
             self._released_in_refresh.append((key, lease))
-        # Not refreshed any more: if Redis cannot hear this now, the lease expires within lease_ttl.
-        await self._quietly(lambda: self._redis.zrem(self._prefix + key, lease))
+        # Not refreshed any more. Redis that cannot hear this now gets it once it is back (the slot
+        # would otherwise stay taken for lease_ttl after its session ended).
+        if self._closed:
+            return
+        if not self._up or not await self._quietly(lambda: self._redis.zrem(self._prefix + key, lease)):
+            self._unanswered_lease(True, key, lease)
 
     def _unanswered_lease(self, sent: bool, key: str, lease: str) -> None:
         if sent and len(self._unanswered) < MAX_UNANSWERED:
             self._unanswered.append((key, lease))
+
+    def _remove_later(self, key: str, lease: str) -> None:
+        """Remove a lease nobody holds, in the background (a cancelled caller cannot wait for it)."""
+
+        async def remove() -> None:
+            if not self._up or not await self._quietly(lambda: self._redis.zrem(self._prefix + key, lease)):
+                self._unanswered_lease(True, key, lease)
+
+        task = asyncio.get_running_loop().create_task(remove())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     def _check_idle(self) -> None:
         if not self._leases and not self._phantoms:
@@ -324,23 +364,45 @@ class RedisLimiter:
         """
         if self._up and not self._closed:
             try:
-                async with asyncio.timeout(self._timeout):
-                    return await command()
-            except REDIS_FAILURES as error:
-                self._went_down(error)
+                async with asyncio.timeout(QUEUE_TIMEOUT):
+                    await self._gate.acquire()
+            except TimeoutError:
+                pass  # overloaded here: this decision follows on_error; Redis is not to blame
+            else:
+                try:
+                    async with asyncio.timeout(self._timeout):
+                        result = await command()
+                    self._answered_at = time.monotonic()
+                    return result
+                except REDIS_FAILURES as error:
+                    self._failed(error)
+                finally:
+                    self._gate.release()
         if self.on_error == "deny":
             raise LimiterUnavailable(f"the limiter's Redis ({self.where}) is unavailable")
         return None
 
-    async def _quietly(self, command: Callable[[], Awaitable[object]]) -> None:
-        """A call whose failure changes no decision (a release): skipped while Redis is down."""
+    async def _quietly(self, command: Callable[[], Awaitable[object]]) -> bool:
+        """A call whose failure changes no decision (a release): skipped while Redis is down. Whether
+        Redis ran it."""
         if not self._up or self._closed:
-            return
+            return False
         try:
             async with asyncio.timeout(self._timeout):
                 await command()
         except REDIS_FAILURES as error:
-            self._went_down(error)
+            self._failed(error)
+            return False
+        self._answered_at = time.monotonic()
+        return True
+
+    def _failed(self, error: BaseException) -> None:
+        """A call failed. A timeout while Redis answered other calls within ``timeout`` is this
+        process's loop running late (a burst of handshakes), not Redis: only that call follows
+        ``on_error``. Any other failure, or silence for ``timeout``, marks Redis down."""
+        if isinstance(error, TimeoutError) and time.monotonic() - self._answered_at < self._timeout:
+            return
+        self._went_down(error)
 
     def _went_down(self, error: BaseException) -> None:
         if not self._up:
@@ -374,7 +436,7 @@ class RedisLimiter:
     # -- background -----------------------------------------------------------------------
 
     async def _prober(self) -> None:
-        """While Redis is down, PING it every :data:`PROBE_INTERVAL`; the first answer brings it up and
+        """While Redis is down, probe it every :data:`PROBE_INTERVAL`; the first success brings it up and
         refreshes every lease at once (Redis may have restarted empty)."""
         probe_timeout = max(self._timeout, PROBE_INTERVAL)
         while True:
@@ -382,7 +444,9 @@ class RedisLimiter:
             await asyncio.sleep(PROBE_INTERVAL)
             try:
                 async with asyncio.timeout(probe_timeout):
-                    await self._redis.ping()
+                    # A write, not a PING: a Redis at maxmemory or a read-only replica answers PING
+                    # but refuses every lease, and would make the limiter flap up and down.
+                    await self._redis.set(self._prefix + "probe", self.replica, px=PROBE_TTL_MS)
             except REDIS_FAILURES:
                 continue
             try:
@@ -393,8 +457,8 @@ class RedisLimiter:
     async def _recovered(self) -> None:
         self._came_up()
         unanswered, self._unanswered = self._unanswered, []
-        if unanswered:
-            await self._quietly(lambda: self._remove(unanswered))
+        if unanswered and not await self._quietly(lambda: self._remove(unanswered)):
+            self._unanswered = [*unanswered, *self._unanswered][:MAX_UNANSWERED]
         await self._refresh_all()
 
     async def _refresher(self) -> None:
@@ -409,6 +473,10 @@ class RedisLimiter:
                 logs.LOGGER.exception("limiter.error", extra={"fields": {"task": "refresh"}})
 
     async def _refresh_all(self) -> None:
+        async with self._refreshing:
+            await self._refresh_now()
+
+    async def _refresh_now(self) -> None:
         calls = [
             (key, ids[start : start + REFRESH_CHUNK])
             for key, ids in self._leases.items()

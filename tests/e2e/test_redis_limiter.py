@@ -16,10 +16,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import RedisServer, policy_text
+from conftest import RedisServer, free_port, policy_text
 from wsraw import RawClient
 
 from proxy.errors import Close, CloseCode, LimiterUnavailable
+from proxy.guards.slots import LimiterSlots
 from proxy.limiter.redis import RedisLimiter
 from proxy.policy.load import parse_policy
 from proxy.policy.model import RedisLimiter as RedisSettings
@@ -474,3 +475,107 @@ async def test_the_keys_in_redis_are_as_documented(redis_server):
         assert limiter.held == 0
     finally:
         await limiter.close()
+
+
+def limiter_for(server: RedisServer, prefix: str, on_error: str = "deny", **settings) -> RedisLimiter:
+    values = {"url": server.url, "key_prefix": prefix, "timeout": 0.05, "lease_ttl": 30.0, **settings}
+    limiter = RedisLimiter(RedisSettings(**values), on_error)  # type: ignore[arg-type]
+    limiter.start()
+    return limiter
+
+
+async def test_a_burst_of_decisions_queues_here_and_never_marks_a_healthy_redis_down(
+    redis_server, log_events
+):
+    """Thousands of handshakes at once (a reconnect storm after a deploy) from distinct clients: each
+    waits for one of the limiter's connections, none is refused for it, and Redis stays up."""
+    server = redis_server()
+    limiter = limiter_for(server, f"q{uuid.uuid4().hex[:6]}:")
+    try:
+        results = await asyncio.gather(
+            *(limiter.hit(f"hs:client{n}", 5.0, 5) for n in range(3000)), return_exceptions=True
+        )
+        refused = [result for result in results if isinstance(result, BaseException)]
+        assert not refused, (len(refused), refused[:1])
+        assert results == [0.0] * 3000
+        assert limiter.up and log_events.named("limiter.down") == []
+    finally:
+        await limiter.close()
+
+
+async def test_a_slot_released_while_redis_is_away_is_free_once_it_is_back(redis_server, log_events):
+    server = redis_server()
+    prefix = f"w{uuid.uuid4().hex[:6]}:"
+    limiter = limiter_for(server, prefix, on_error="allow")
+    try:
+        assert await limiter.acquire("ip:a", 1)
+        assert server.process is not None
+        server.process.send_signal(signal.SIGSTOP)  # a hiccup: the next decision times out
+        try:
+            assert await limiter.hit("hs:b", 1.0, 1) == 0.0  # on_error allow
+            assert not limiter.up
+            await limiter.release("ip:a")  # the session ends while Redis cannot hear it
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        await log_events.wait_for("limiter.up", timeout=3.0)
+        assert await until(lambda: _async(server.client().zcard(prefix + "ip:a") == 0), timeout=1.0)
+        assert await limiter.acquire("ip:a", 1)  # the client reconnects: its old slot is free
+    finally:
+        await limiter.close()
+
+
+async def test_a_handshake_cancelled_while_redis_took_its_slot_leaves_no_slot_behind(redis_server):
+    server = redis_server()
+    prefix = f"x{uuid.uuid4().hex[:6]}:"
+    limiter = limiter_for(server, prefix, timeout=2.0)
+    other = server.client()
+    try:
+        assert await limiter.acquire("ip:warm", 5)
+        await limiter.release("ip:warm")
+        # Redis busy for 300 ms: the lease request waits in its queue while the handshake is cancelled.
+        busy = asyncio.get_running_loop().run_in_executor(
+            None,
+            other.eval,
+            "local t = redis.call('TIME') local start = t[1] * 1e6 + t[2] while true do "
+            "local u = redis.call('TIME') if u[1] * 1e6 + u[2] - start > 300000 then break end end return 1",
+            0,
+        )
+        await asyncio.sleep(0.05)
+        slots = LimiterSlots(limiter)
+        taking = asyncio.ensure_future(slots.acquire("ip:x", 1))
+        await asyncio.sleep(0.1)
+        taking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await taking
+        await slots.release()
+        await busy
+        assert await until(lambda: _async(other.zcard(prefix + "ip:x") == 0), timeout=1.0)
+        assert await limiter.acquire("ip:x", 1)
+    finally:
+        await limiter.close()
+
+
+async def test_a_read_only_redis_keeps_the_limiter_down_instead_of_flapping(redis_server, log_events):
+    """A Redis that became a read-only replica (a failover behind the same address) answers PING but
+    refuses every lease: the limiter goes down once and stays down until writes work again."""
+    server = redis_server()
+    limiter = limiter_for(server, f"f{uuid.uuid4().hex[:6]}:", on_error="allow", timeout=0.2)
+    admin = server.client()
+    try:
+        assert await limiter.acquire("ip:warm", 5)
+        admin.replicaof("127.0.0.1", str(free_port()))  # a master that is not there: read-only
+        assert await limiter.acquire("ip:a", 5)  # refused by Redis: allowed, as a phantom
+        assert not limiter.up
+        await asyncio.sleep(2.0)  # four probes
+        assert len(log_events.named("limiter.down")) == 1
+        assert log_events.named("limiter.up") == []
+        admin.replicaof("NO", "ONE")
+        await log_events.wait_for("limiter.up", timeout=3.0)
+        assert len(log_events.named("limiter.down")) == 1
+    finally:
+        admin.replicaof("NO", "ONE")
+        await limiter.close()
+
+
+async def _async(value):
+    return value
