@@ -144,9 +144,12 @@ class Supervisor:
         started = await asyncio.gather(*(self._start(slot) for slot in self.slots), return_exceptions=True)
         failed = [result for result in started if isinstance(result, BaseException)]
         if failed:
+            stopped_by_signal = self._stopped.is_set()
             self._stopped.set()
             self._signal_all(signal.SIGTERM)
             await asyncio.gather(*(slot.exited.wait() for slot in self.slots if slot.process is not None))
+            if stopped_by_signal:  # told to stop while starting: the workers that did start drained
+                return
             if isinstance(failed[0], StartupError):
                 raise failed[0]
             raise StartupError(f"cannot start the workers: {failed[0]}") from failed[0]
@@ -188,6 +191,10 @@ class Supervisor:
                 # once (twice would mean "cut every session now").
                 start_new_session=True,
             )
+        except OSError as error:  # EAGAIN, ENOMEM, EMFILE: no process, so nothing will ever exit
+            ours.close()
+            slot.exited.set()
+            raise StartupError(f"cannot start worker {slot.index}: {error.strerror or error}") from None
         finally:
             theirs.close()
         process = slot.process
@@ -230,23 +237,30 @@ class Supervisor:
 
     async def _keep_alive(self, slot: WorkerSlot) -> None:
         """Restart worker ``slot`` each time it dies, until the supervisor stops (bounded by the backoff)."""
+        start_failed = False  # the last start failed, and said so: no exit to report for it
         while not self._stopped.is_set():
             await slot.exited.wait()
             if self._stopped.is_set():
                 return
-            process = slot.process
-            assert process is not None  # a started slot
-            code = process.returncode
-            lived = time.monotonic() - slot.started_at
-            fields: dict[str, object] = {"index": slot.index, "pid": process.pid, "lived_s": round(lived, 3)}
-            if code is not None and code < 0:
-                fields["signal"] = signal.Signals(-code).name
-            else:
-                fields["exit_code"] = code
             slot.endpoint = None
-            if lived >= BACKOFF_RESET_AFTER:
-                slot.backoff = BACKOFF_FIRST
-            logs.event("worker.exited", logging.ERROR, **fields, restart_in_s=slot.backoff)
+            if not start_failed:
+                process = slot.process
+                assert process is not None  # a started slot
+                code = process.returncode
+                lived = time.monotonic() - slot.started_at
+                fields: dict[str, object] = {
+                    "index": slot.index,
+                    "pid": process.pid,
+                    "lived_s": round(lived, 3),
+                }
+                if code is not None and code < 0:
+                    fields["signal"] = signal.Signals(-code).name
+                else:
+                    fields["exit_code"] = code
+                if lived >= BACKOFF_RESET_AFTER:
+                    slot.backoff = BACKOFF_FIRST
+                logs.event("worker.exited", logging.ERROR, **fields, restart_in_s=slot.backoff)
+            start_failed = False
             await asyncio.sleep(slot.backoff)
             slot.backoff = min(slot.backoff * 2, BACKOFF_MAX)
             if self._stopped.is_set():
@@ -254,7 +268,14 @@ class Supervisor:
             try:
                 await self._start(slot)
             except StartupError as error:
-                logs.event("worker.start_failed", logging.ERROR, index=slot.index, error=str(error))
+                logs.event(
+                    "worker.start_failed",
+                    logging.ERROR,
+                    index=slot.index,
+                    error=str(error),
+                    retry_in_s=slot.backoff,
+                )
+                start_failed = True
                 continue
             self.restarts += 1
 
