@@ -32,7 +32,7 @@ from proxy.metrics import Metrics, build_registry
 from proxy.policy.model import Address, Policy, TlsListen
 from proxy.reload import Reloader, enforce
 from proxy.request import HandshakeRequest
-from proxy.session_control import Selector, close_matching
+from proxy.session_control import Selector, close_matching, close_request
 from proxy.sessions import SessionRegistry
 from proxy.upstream import forget_tls_contexts
 from proxy.worker import WORKER_ADMIN, SupervisorChannel, WorkerRole
@@ -80,7 +80,7 @@ class Gateway:
         #: Closes this replica's sessions matching a selector (in its wire form) with a reason, returning
         #: how many: what a close request from any replica runs here.
         self.local_close: LocalClose = lambda selector, reason: close_matching(
-            self.sessions, Selector.from_mapping(selector), reason
+            self.sessions, *close_request({**selector, "reason": reason})
         )
         self.cluster: Cluster | None = self._build_cluster(policy)
         #: Limiters replaced by a reload, closed once no session holds their slots.
@@ -186,6 +186,8 @@ class Gateway:
         closed 1008 "policy changed". Returns how many were closed."""
         if policy.limiter != self.policy.limiter:
             self._swap_shared(policy)
+        if self.cluster is not None:  # close requests are signed and checked with the new admin token
+            self.cluster.secret = policy.admin_token
         self.pipeline = Pipeline(
             policy, self.limiter, previous=self.pipeline, on_jwks_refresh=self.metrics.jwks_refreshed
         )
@@ -213,7 +215,9 @@ class Gateway:
         redis = policy.limiter.redis
         if redis is None:
             return None
-        return Cluster(redis, lambda selector, reason: self.local_close(selector, reason))
+        return Cluster(
+            redis, lambda selector, reason: self.local_close(selector, reason), secret=policy.admin_token
+        )
 
     def _limiter_state(self) -> tuple[str, bool]:
         limiter = self.limiter

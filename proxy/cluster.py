@@ -7,15 +7,23 @@ subscription) closes its matching sessions with its ``local_close`` and answers 
 ``{key_prefix}sessions.closed``. The caller waits up to :data:`REPLY_TIMEOUT` for as many answers as
 ``PUBLISH`` said received the request.
 
-Messages are JSON: a request ``{"id", "selector", "reason"}``, a reply ``{"id", "replica", "closed"}``.
-A message that is not one of these is ignored (one debug log line). The subscription comes back by itself
-after Redis does; nothing here can stop the gateway.
+Messages are JSON: a request ``{"id", "selector", "reason", "mac"}``, a reply ``{"id", "replica",
+"closed"}``. A message that is not one of these is ignored (one debug log line).
+
+Anyone who may ``PUBLISH`` on the Redis could otherwise close sessions without the admin token, so a
+request carries ``mac``, an HMAC-SHA256 keyed by the admin token (``admin.token_env``) over its id,
+selector and reason: a replica acts only on a request whose ``mac`` its own token confirms, and a
+replica without an admin token acts on none. The selector and reason are checked as the admin API
+checks them (no empty selector, a reason that fits a close frame) by ``local_close``. The
+subscription comes back by itself after Redis does; nothing here can stop the gateway.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import inspect
 import json
 import logging
@@ -25,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy import logs
-from proxy.errors import LimiterUnavailable
+from proxy.errors import LimiterUnavailable, WsgateError
 from proxy.limiter.redis import REDIS_FAILURES, connect, describe, redacted_url, replica_id
 from proxy.policy.model import RedisLimiter as RedisSettings
 
@@ -42,6 +50,12 @@ LocalClose = Callable[[dict[str, Any], str], "int | Awaitable[int]"]
 
 def _no_sessions(selector: dict[str, Any], reason: str) -> int:
     return 0
+
+
+def _mac(secret: str, request: dict[str, Any]) -> str:
+    """The request's signature: HMAC-SHA256 keyed by the admin token over its canonical JSON."""
+    canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hmac.new(secret.encode(), canonical.encode(), hashlib.sha256).hexdigest()
 
 
 @dataclass
@@ -61,9 +75,15 @@ class Cluster:
     """This replica's end of session control over Redis: subscribed from :meth:`start` to :meth:`close`."""
 
     def __init__(
-        self, settings: RedisSettings, local_close: LocalClose = _no_sessions, replica: str | None = None
+        self,
+        settings: RedisSettings,
+        local_close: LocalClose = _no_sessions,
+        replica: str | None = None,
+        secret: str | None = None,
     ) -> None:
         self.local_close = local_close
+        #: The admin token: signs this replica's requests and checks everyone's (None: acts on none).
+        self.secret = secret
         self.replica = replica or replica_id()
         self.requests = f"{settings.key_prefix}sessions.close"
         self.replies = f"{settings.key_prefix}sessions.closed"
@@ -91,10 +111,14 @@ class Cluster:
         Raises:
             LimiterUnavailable: Redis could not carry the request.
         """
+        if not self.subscribed.is_set():
+            # Its own sessions would be left out of the answer: say so, and let the caller close them.
+            raise LimiterUnavailable(f"this replica is not subscribed to Redis ({self.where})")
         request_id = uuid.uuid4().hex
         waiting = self._waiting[request_id] = _Waiting()
         try:
-            message = json.dumps({"id": request_id, "selector": selector, "reason": reason})
+            request = {"id": request_id, "selector": selector, "reason": reason}
+            message = json.dumps({**request, "mac": _mac(self.secret or "", request)})
             try:
                 async with asyncio.timeout(COMMAND_TIMEOUT):
                     waiting.expected = int(await self._redis.publish(self.requests, message))
@@ -148,6 +172,20 @@ class Cluster:
                 selector, reason = message["selector"], message["reason"]
                 if not isinstance(selector, dict) or not isinstance(reason, str):
                     raise ValueError("a request needs a selector object and a reason string")
+                request = {"id": message["id"], "selector": selector, "reason": reason}
+                mac = message.get("mac")
+                if (
+                    self.secret is None
+                    or not isinstance(mac, str)
+                    or not hmac.compare_digest(mac, _mac(self.secret, request))
+                ):
+                    logs.event(
+                        "cluster.refused",
+                        logging.WARNING,
+                        request_id=message["id"][:64],
+                        reason="no admin token on this replica" if self.secret is None else "bad signature",
+                    )
+                    return
                 await self._close_here(message["id"], selector, reason)
             else:
                 replica, closed = message["replica"], message["closed"]
@@ -169,6 +207,9 @@ class Cluster:
         try:
             outcome = self.local_close(selector, reason)
             closed = await outcome if inspect.isawaitable(outcome) else outcome
+        except WsgateError as error:  # a selector or reason the admin API would refuse too
+            logs.event("cluster.refused", logging.WARNING, request_id=request_id[:64], reason=str(error))
+            closed = 0
         except Exception:  # noqa: BLE001 - a selector this replica cannot apply must not end the subscription
             logs.LOGGER.exception("cluster.close_error", extra={"fields": {"request_id": request_id}})
             closed = 0

@@ -180,6 +180,9 @@ def read_redis_url(source: Source, node: yaml.Node, path: str) -> str:
         source.fail(node, path, f"expected a redis:// or rediss:// URL, got {url!r}")
     if split.password:
         source.fail(node, path, "the URL must not hold a password: set password_env")
+    if split.query or split.fragment:
+        # redis-py would read options from it: a password, or ssl_cert_reqs=none turning TLS checks off
+        source.fail(node, path, "the URL must not carry options (?...): use the limiter.redis keys")
     database = split.path.lstrip("/")
     if database and not database.isdigit():
         source.fail(node, path, f"the URL's path is the database number, got {split.path!r}")

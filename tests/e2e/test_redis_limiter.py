@@ -320,12 +320,17 @@ def close_by_path(gw, selector: dict, reason: str) -> int:
     return len(matching)
 
 
+#: The admin section of the cluster tests: close requests are signed with the admin token.
+ADMIN = 'admin: {address: "127.0.0.1:0", token_env: WSGATE_TEST_ADMIN_TOKEN}\n'
+
+
 async def test_close_everywhere_closes_matching_sessions_on_every_replica(
-    redis_server, upstream, gateway, log_events
+    redis_server, upstream, gateway, log_events, monkeypatch
 ):
+    monkeypatch.setenv("WSGATE_TEST_ADMIN_TOKEN", "cluster-admin-token")
     server = redis_server()
     settings = redis_settings(server, f"c{uuid.uuid4().hex[:6]}:")
-    body = f"limiter: {{redis: {{{settings}}}}}\nroutes:\n"
+    body = ADMIN + f"limiter: {{redis: {{{settings}}}}}\nroutes:\n"
     for path in ("/a", "/b"):
         body += f"  - {{path: {path}, upstream: '{upstream.url()}', auth: none}}\n"
     replicas = [await gateway(body) for _ in range(2)]
@@ -338,8 +343,12 @@ async def test_close_everywhere_closes_matching_sessions_on_every_replica(
     async with aiohttp.ClientSession() as client:
         on_a = [await client.ws_connect(replica.url("/a")) for replica in (*replicas, replicas[0])]
         on_b = await client.ws_connect(replicas[1].url("/b"))
-        # Noise on the channel changes nothing.
+        # Noise on the channel changes nothing, and neither does a request without the admin token's
+        # signature (anyone who may PUBLISH on this Redis could send one).
         server.client().publish(replicas[0].gateway.cluster.requests, b"\xff not json")
+        forged = {"id": "forged", "selector": {"path": "/a"}, "reason": "forged", "mac": "0" * 64}
+        server.client().publish(replicas[0].gateway.cluster.requests, json.dumps(forged))
+        await log_events.wait_for("cluster.refused", reason="bad signature")
         started = time.monotonic()
         answer = await replicas[0].gateway.cluster.close_everywhere({"path": "/a"}, "closed by operator")
         assert answer == {"closed": 3, "replicas": 2}
@@ -417,10 +426,13 @@ async def test_a_reload_counts_new_handshakes_in_the_redis_it_names(redis_server
         assert await until(redis_released, timeout=2.0)
 
 
-async def test_cluster_control_comes_back_with_redis(redis_server, upstream, gateway, log_events):
+async def test_cluster_control_comes_back_with_redis(
+    redis_server, upstream, gateway, log_events, monkeypatch
+):
+    monkeypatch.setenv("WSGATE_TEST_ADMIN_TOKEN", "cluster-admin-token")
     server = redis_server()
     settings = redis_settings(server, f"k{uuid.uuid4().hex[:6]}:")
-    body = f"limiter: {{redis: {{{settings}}}}}\n" + ROUTE.format(upstream=upstream.url())
+    body = ADMIN + f"limiter: {{redis: {{{settings}}}}}\n" + ROUTE.format(upstream=upstream.url())
     replicas = [await gateway(body) for _ in range(2)]
     clusters = [replica.gateway.cluster for replica in replicas]
     for replica, cluster in zip(replicas, clusters, strict=True):
@@ -511,6 +523,7 @@ async def test_a_slot_released_while_redis_is_away_is_free_once_it_is_back(redis
         assert await limiter.acquire("ip:a", 1)
         assert server.process is not None
         server.process.send_signal(signal.SIGSTOP)  # a hiccup: the next decision times out
+        await asyncio.sleep(0.1)  # longer than the timeout since Redis last answered: it is down
         try:
             assert await limiter.hit("hs:b", 1.0, 1) == 0.0  # on_error allow
             assert not limiter.up
@@ -579,3 +592,37 @@ async def test_a_read_only_redis_keeps_the_limiter_down_instead_of_flapping(redi
 
 async def _async(value):
     return value
+
+
+async def test_a_close_request_is_judged_as_the_admin_api_judges_it(
+    redis_server, upstream, gateway, log_events, monkeypatch
+):
+    """Even signed, a request naming no session field (``{}``: every session) or with a reason that does
+    not fit a close frame closes nothing; a replica without an admin token acts on no request."""
+    from proxy.cluster import _mac
+
+    token = "cluster-admin-token"
+    monkeypatch.setenv("WSGATE_TEST_ADMIN_TOKEN", token)
+    server = redis_server()
+    settings = redis_settings(server, f"j{uuid.uuid4().hex[:6]}:")
+    limiter = f"limiter: {{redis: {{{settings}}}}}\n" + ROUTE.format(upstream=upstream.url())
+    signed, unsigned = await gateway(ADMIN + limiter), await gateway(limiter)
+    for replica in (signed, unsigned):
+        assert replica.gateway.cluster is not None
+        await asyncio.wait_for(replica.gateway.cluster.subscribed.wait(), 5)
+    channel = signed.gateway.cluster.requests
+    async with aiohttp.ClientSession() as client:
+        sessions = [await client.ws_connect(replica.url()) for replica in (signed, unsigned)]
+        for number, (selector, reason) in enumerate([({}, "all"), ({"route": "/echo"}, "r" * 124)]):
+            request = {"id": f"r{number}", "selector": selector, "reason": reason}
+            server.client().publish(channel, json.dumps({**request, "mac": _mac(token, request)}))
+        await until(lambda: _async(len(log_events.named("cluster.refused")) >= 4), timeout=3.0)
+        refused = sorted(entry["reason"] for entry in log_events.named("cluster.refused"))
+        assert len(refused) == 4, refused
+        assert refused.count("no admin token on this replica") == 2
+        assert any("name at least one of" in reason for reason in refused)
+        assert any("a close reason holds at most 123" in reason for reason in refused)
+        for ws in sessions:
+            await ws.send_str("still here")
+            assert (await ws.receive(timeout=5)).data == "still here"
+            await ws.close()
