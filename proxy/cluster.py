@@ -88,7 +88,9 @@ class Cluster:
         self.requests = f"{settings.key_prefix}sessions.close"
         self.replies = f"{settings.key_prefix}sessions.closed"
         self.where = redacted_url(settings.url)
-        self._redis = connect(settings, max(settings.timeout, COMMAND_TIMEOUT), max_connections=8)
+        self._redis = connect(
+            settings, max(settings.timeout, COMMAND_TIMEOUT), max_connections=8, keepalive=True
+        )
         self._waiting: dict[str, _Waiting] = {}
         self._task: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()

@@ -20,8 +20,9 @@ What is guaranteed:
   short-lived write every 0.5 s, so that a full or read-only Redis stays down) brings the limiter back.
   ``limiter.down`` and ``limiter.up`` are logged once per change of state, never per request, and never
   with the password. At most :data:`MAX_CONNECTIONS` decisions are in flight; the others queue here.
-  Queueing, and a timeout while Redis answered other calls within ``timeout`` (this process's loop
-  running late under a burst), cost only that decision: they never mark Redis down.
+  Queueing costs only that decision, and so does a timeout while Redis answered other calls within
+  ``timeout`` or answers a check write (this process's loop running late under a burst): they never
+  mark Redis down. A hung Redis is found by that check within :data:`VERIFY_TIMEOUT` (or ``timeout``).
 - A slot released while Redis cannot hear it, or taken by a handshake cancelled while Redis answered, is
   removed once Redis is back (at most :data:`MAX_UNANSWERED` of them), not left for ``lease_ttl``.
 
@@ -73,6 +74,8 @@ REDIS_FAILURES: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutE
 #: Seconds between probes while Redis is down; a probe writes one short-lived key.
 PROBE_INTERVAL = 0.5
 PROBE_TTL_MS = 5_000
+#: The shortest bound on the check that tells a timed-out call's slow Redis from a late loop.
+VERIFY_TIMEOUT = 0.25
 
 #: Connections one limiter opens to Redis at most, and so its decisions in flight; the others queue.
 MAX_CONNECTIONS = 32
@@ -152,11 +155,24 @@ def replica_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+#: TCP keepalive of every connection to Redis: probe after 5 s idle, every 2 s, give up after 3.
+_KEEPALIVE: dict[int, int] = {
+    option: value
+    for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3))
+    if (option := getattr(socket, name, None)) is not None
+}
+
+
 def connect(
-    settings: RedisSettings, timeout: float, max_connections: int = MAX_CONNECTIONS
+    settings: RedisSettings, timeout: float, max_connections: int = MAX_CONNECTIONS, keepalive: bool = False
 ) -> aioredis.Redis:
     """A client for the policy's Redis: password and CA file from the policy, sockets bounded by
-    ``timeout``, no retries (the caller decides what a failure means), at most ``max_connections``."""
+    ``timeout``, no retries (the caller decides what a failure means), at most ``max_connections``.
+
+    ``keepalive`` (for a connection that waits, such as a subscription): TCP keepalive finds a Redis
+    host that vanished without a reset (a failover behind a virtual IP) within about 11 s, where the
+    subscription would otherwise wait on a silent connection for ever. The limiter's own connections
+    need none: each decision is bounded by ``timeout``."""
     options: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
@@ -164,6 +180,9 @@ def connect(
         "max_connections": max_connections,
         "timeout": QUEUE_TIMEOUT,  # waiting for a free connection (the limiter's gate queues first)
     }
+    if keepalive:
+        options["socket_keepalive"] = True
+        options["socket_keepalive_options"] = _KEEPALIVE
     if settings.password is not None:
         options["password"] = settings.password
     if urlsplit(settings.url).scheme == "rediss" and settings.ca_file is not None:
@@ -213,8 +232,9 @@ class RedisLimiter:
         #: Decisions in flight, at most one per pooled connection: waiting here is queueing in this
         #: process, which says nothing about Redis (only a call that was sent can mark it down).
         self._gate = asyncio.Semaphore(MAX_CONNECTIONS)
-        #: When Redis last answered a call (monotonic).
+        #: When Redis last answered a call (monotonic), and the check a timeout started, if one runs.
         self._answered_at = 0.0
+        self._verifying: asyncio.Task[None] | None = None
         self._up = True
         self._down = asyncio.Event()
         self._idle = asyncio.Event()
@@ -251,9 +271,10 @@ class RedisLimiter:
         if self._closed:
             return
         self._closed = True
-        for task in (*self._tasks, *self._cleanups):
+        pending = [*self._tasks, *self._cleanups, *([self._verifying] if self._verifying else [])]
+        for task in pending:
             task.cancel()
-        for task in (*self._tasks, *self._cleanups):
+        for task in pending:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         leases, self._leases = self._leases, {}
@@ -397,12 +418,27 @@ class RedisLimiter:
         return True
 
     def _failed(self, error: BaseException) -> None:
-        """A call failed. A timeout while Redis answered other calls within ``timeout`` is this
-        process's loop running late (a burst of handshakes), not Redis: only that call follows
-        ``on_error``. Any other failure, or silence for ``timeout``, marks Redis down."""
-        if isinstance(error, TimeoutError) and time.monotonic() - self._answered_at < self._timeout:
+        """A call failed: that call follows ``on_error``. An error Redis or the network gave marks Redis
+        down at once. A timeout may be this process's loop running late (a burst of handshakes: the
+        answer came but was read too late), so it marks Redis down only when Redis has answered nothing
+        within ``timeout`` and a check of its own (one write, :data:`VERIFY_TIMEOUT` at least) fails."""
+        if not isinstance(error, TimeoutError):
+            self._went_down(error)
             return
-        self._went_down(error)
+        if time.monotonic() - self._answered_at < self._timeout or self._verifying is not None:
+            return
+        self._verifying = asyncio.get_running_loop().create_task(self._verify())
+
+    async def _verify(self) -> None:
+        try:
+            async with asyncio.timeout(max(self._timeout, VERIFY_TIMEOUT)):
+                await self._redis.set(self._prefix + "probe", self.replica, px=PROBE_TTL_MS)
+        except REDIS_FAILURES as error:
+            self._went_down(error)
+        else:
+            self._answered_at = time.monotonic()
+        finally:
+            self._verifying = None
 
     def _went_down(self, error: BaseException) -> None:
         if not self._up:
