@@ -62,6 +62,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from proxy import logs
@@ -176,7 +177,9 @@ def connect(
     options: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
-        "retry": Retry(NoBackoff(), 0),
+        # Once, at once, on a broken connection only: a pooled connection Redis closed while idle (its
+        # timeout, a restart, CLIENT KILL) is replaced, not taken for Redis being down.
+        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         "max_connections": max_connections,
         "timeout": QUEUE_TIMEOUT,  # waiting for a free connection (the limiter's gate queues first)
     }

@@ -630,3 +630,20 @@ async def test_a_close_request_is_judged_as_the_admin_api_judges_it(
             await ws.send_str("still here")
             assert (await ws.receive(timeout=5)).data == "still here"
             await ws.close()
+
+
+async def test_connections_redis_closed_while_idle_are_replaced_not_taken_for_an_outage(
+    redis_server, log_events
+):
+    """Redis closes idle clients (its ``timeout``, a restart, ``CLIENT KILL``): the next decisions get
+    fresh connections, are decided by Redis, and the limiter stays up."""
+    server = redis_server()
+    limiter = limiter_for(server, f"k{uuid.uuid4().hex[:6]}:")
+    try:
+        assert await asyncio.gather(*(limiter.hit(f"hs:c{n}", 5.0, 5) for n in range(8))) == [0.0] * 8
+        assert server.client().client_kill_filter(_type="normal", skipme=True) >= 1
+        assert await limiter.hit("hs:after", 1.0, 1) == 0.0
+        assert await limiter.hit("hs:after", 1.0, 1) > 0  # decided by Redis: the burst of 1 is spent
+        assert limiter.up and log_events.named("limiter.down") == []
+    finally:
+        await limiter.close()
