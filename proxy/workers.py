@@ -43,6 +43,10 @@ START_TIMEOUT = 30.0
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 10.0
 BACKOFF_RESET_AFTER = 30.0
+#: A worker still running this long after the drain should have ended (``drain_timeout`` plus this), or
+#: this long after the second signal, is killed: a stopped or wedged worker must not hold the stop.
+KILL_AFTER_DRAIN = 10.0
+KILL_AFTER_SECOND_SIGNAL = 5.0
 
 
 def _reason(error: OSError) -> str:
@@ -79,6 +83,7 @@ class Supervisor:
         self._port = 0
         self._held: list[socket.socket] = []
         self._watchers: set[asyncio.Task[None]] = set()
+        self._kill_timers: list[asyncio.TimerHandle] = []
         self.admin = SupervisorAdmin(
             SupervisorView(
                 workers=self.endpoints,
@@ -292,10 +297,24 @@ class Supervisor:
             logs.event("supervisor.signal", signal=name, action="reload")
             self._signal_all(signum)
             return
-        action = "drain" if not self.stopping else "exit now"
-        logs.event("supervisor.signal", signal=name, action=action)
+        first = not self.stopping
+        logs.event("supervisor.signal", signal=name, action="drain" if first else "exit now")
         self._stopped.set()
         self._signal_all(signum)
+        if first:
+            after, why = self.policy.limits.drain_timeout + KILL_AFTER_DRAIN, "the drain took too long"
+        else:
+            after, why = KILL_AFTER_SECOND_SIGNAL, "no exit after the second signal"
+        self._kill_timers.append(asyncio.get_running_loop().call_later(after, self._kill_remaining, why))
+
+    def _kill_remaining(self, why: str) -> None:
+        """SIGKILL every worker still running (stopped, wedged, or ignoring its signals)."""
+        for slot in self.slots:
+            process = slot.process
+            if process is not None and process.returncode is None:
+                logs.event("worker.killed", logging.ERROR, index=slot.index, pid=process.pid, why=why)
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
 
     def _signal_all(self, signum: int) -> None:
         for slot in self.slots:
@@ -305,6 +324,8 @@ class Supervisor:
                     process.send_signal(signum)
 
     async def _cleanup(self) -> None:
+        for timer in self._kill_timers:
+            timer.cancel()
         for task in list(self._watchers):
             task.cancel()
         for slot in self.slots:

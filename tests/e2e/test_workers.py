@@ -5,6 +5,7 @@ worker comes back, and limits that would be counted per worker are refused witho
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -272,6 +273,26 @@ async def test_a_second_signal_cuts_every_worker_at_once_and_exits_1(upstream, w
         assert workers.process.events("supervisor.stopped")[0]["exit_codes"] == [1, 1]
         for ws in opened:
             await ws.close()
+
+
+async def test_a_stopped_worker_is_killed_after_the_second_signal(upstream, wsgate_process, tmp_path):
+    """A worker that cannot act on signals (stopped, wedged) does not hold the supervisor's exit."""
+    workers = await start_workers(wsgate_process, write_policy(tmp_path / "p.yaml", upstream.url("/")))
+    stuck = workers.process.events("worker.started")[0]["pid"]
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        workers.process.signal(signal.SIGTERM)
+        await workers.process.wait_for("supervisor.signal", action="drain")
+        workers.process.signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert await workers.process.wait_exit(timeout=15) == 1
+        assert time.monotonic() - started < 5 + 3
+        killed = workers.process.events("worker.killed")
+        assert [entry["pid"] for entry in killed] == [stuck]
+        assert killed[0]["why"] == "no exit after the second signal"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stuck, signal.SIGKILL)
 
 
 async def test_workers_drain_when_the_supervisor_is_killed(upstream, wsgate_process, tmp_path):
