@@ -17,11 +17,12 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -44,6 +45,12 @@ from proxy.sessions import Session
 
 #: Admin connections the kernel may queue (scrapers and probes, a few at a time).
 ADMIN_BACKLOG = 128
+#: Admin connections open at once, and how long one may stay open. aiohttp bounds neither the time to
+#: send a request's headers nor the connections, so without these a client trickling headers on many
+#: connections (a slowloris) would hold them for ever and take the descriptors client sessions need.
+#: A scraper or probe needs one connection for well under the lifetime; keep-alive ones reconnect.
+ADMIN_MAX_CONNECTIONS = 64
+ADMIN_CONNECTION_SECONDS = 30.0
 #: The largest request body the admin listener reads (a close request is a few fields): 413 above.
 MAX_ADMIN_BODY = 16 * 1024
 
@@ -79,6 +86,10 @@ class AdminServer:
         self._runner: web.AppRunner | None = None
         self._acceptor: Acceptor | None = None
         self._connecting: set[asyncio.Task[object]] = set()
+        #: Admin connections open, with when each must be closed by; whether accepting is at its cap.
+        self._open: dict[asyncio.Transport, float] = {}
+        self._full = False
+        self._sweeper: asyncio.Task[None] | None = None
         self.address: Address | None = None
 
     async def start(self, address: Address, on_accept_error: Callable[[str, str], None]) -> Address:
@@ -109,6 +120,7 @@ class AdminServer:
         self._acceptor.start()
         self.address = Address(*self._acceptor.address)
         self._sampler = asyncio.get_running_loop().create_task(self._sample_periodically())
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_periodically())
         self._sampler.add_done_callback(self._sampler_done)
         return self.address
 
@@ -129,6 +141,15 @@ class AdminServer:
         if server is None:  # stopping
             sock.close()
             return
+        if len(self._open) + len(self._connecting) >= ADMIN_MAX_CONNECTIONS:
+            self._sweep(time.monotonic())
+            if len(self._open) + len(self._connecting) >= ADMIN_MAX_CONNECTIONS:
+                if not self._full:
+                    self._full = True
+                    logs.event("admin.connections_full", logging.WARNING, limit=ADMIN_MAX_CONNECTIONS)
+                sock.close()
+                return
+        self._full = False
         loop = asyncio.get_running_loop()
         task: asyncio.Task[object] = loop.create_task(loop.connect_accepted_socket(server, sock))
         self._connecting.add(task)
@@ -139,8 +160,28 @@ class AdminServer:
         error = None if task.cancelled() else task.exception()
         if error is not None and not isinstance(error, OSError):  # OSError: the scraper left at once
             logs.LOGGER.error("admin.error", exc_info=error)
+        if not task.cancelled() and error is None:
+            transport = cast("tuple[asyncio.Transport, object]", task.result())[0]
+            self._open[transport] = time.monotonic() + ADMIN_CONNECTION_SECONDS
+
+    def _sweep(self, now: float) -> None:
+        """Forget closed admin connections; cut those open past their lifetime."""
+        for transport, deadline in list(self._open.items()):
+            if transport.is_closing():
+                del self._open[transport]
+            elif now >= deadline:
+                transport.abort()
+                del self._open[transport]
+
+    async def _sweep_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(ADMIN_CONNECTION_SECONDS / 6)
+            self._sweep(time.monotonic())
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._sampler is not None:
             self._sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):

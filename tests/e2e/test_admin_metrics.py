@@ -293,3 +293,50 @@ async def test_jwks_is_fetched_at_start_before_any_handshake(gateway, upstream):
         assert value(samples, "wsgate_jwks_refresh_total", provider="idp", result="success") == 1
     finally:
         await runner.cleanup()
+
+
+async def test_an_admin_slowloris_is_capped_and_cut_and_clients_are_still_served(
+    gateway, upstream, log_events, monkeypatch
+):
+    """Connections trickling request headers to the admin listener: at most ADMIN_MAX_CONNECTIONS are
+    held, each for at most ADMIN_CONNECTION_SECONDS (1 s here), and WebSocket clients and scrapes are
+    served meanwhile."""
+    import socket
+
+    from proxy import admin
+
+    monkeypatch.setattr(admin, "ADMIN_CONNECTION_SECONDS", 1.0)
+    gw = await gateway(f"routes:\n  - {{path: /echo, upstream: '{upstream.url()}', auth: none}}\n")
+    port = gw.gateway.admin_address.port
+    loop = asyncio.get_running_loop()
+    trickling = []
+    for _ in range(admin.ADMIN_MAX_CONNECTIONS + 20):
+        sock = socket.socket()
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never finished
+        trickling.append(sock)
+    try:
+        await log_events.wait_for("admin.connections_full", timeout=3.0)
+        assert len(log_events.named("admin.connections_full")) == 1  # once per episode
+
+        async def closed(sock: socket.socket) -> bool:
+            try:
+                return await asyncio.wait_for(loop.sock_recv(sock, 1), 3.0) == b""
+            except ConnectionError:  # cut with a reset
+                return True
+            except TimeoutError:  # still held
+                return False
+
+        # beyond the cap at once, the rest within their lifetime (and the sweep's period)
+        started = time.monotonic()
+        assert all(await asyncio.gather(*(closed(sock) for sock in trickling)))
+        assert time.monotonic() - started < 1.0 + 1.0
+        ws, _ = await RawClient.connect(gw.port, "/echo")
+        ws.send_frame(TEXT, b"still served")
+        assert await ws.recv_message() == (TEXT, b"still served")
+        samples = await scrape(gw)
+        assert samples
+    finally:
+        for sock in trickling:
+            sock.close()
