@@ -32,7 +32,8 @@ class LimiterSlots:
 
     async def release(self) -> None:
         """Give back every slot held. Calling it again gives back nothing more; a release cancelled
-        halfway keeps the keys not yet given back, for the next call."""
+        halfway keeps the keys not yet given back, for the next call. A key is forgotten here before
+        its release is awaited: one cancelled during that await is never released twice (a second
+        release could give back another session's slot of the same key)."""
         while self._held:
-            await self._limiter.release(self._held[-1])
-            self._held.pop()
+            await self._limiter.release(self._held.pop())

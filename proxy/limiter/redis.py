@@ -101,7 +101,7 @@ local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
-if tat - now > tolerance then return tat - tolerance - now end
+if tat - now > tolerance then return math.max(1, math.ceil(tat - tolerance - now)) end
 local new = tat + interval
 redis.call('SET', KEYS[1], string.format('%.0f', new), 'PX', math.ceil((new - now) / 1000) + 1)
 return 0
@@ -356,8 +356,12 @@ class RedisLimiter:
         # would otherwise stay taken for lease_ttl after its session ended).
         if self._closed:
             return
-        if not self._up or not await self._quietly(lambda: self._redis.zrem(self._prefix + key, lease)):
-            self._unanswered_lease(True, key, lease)
+        try:
+            if not self._up or not await self._quietly(lambda: self._redis.zrem(self._prefix + key, lease)):
+                self._unanswered_lease(True, key, lease)
+        except asyncio.CancelledError:  # the lease is no longer this process's: remove it all the same
+            self._remove_later(key, lease)
+            raise
 
     def _unanswered_lease(self, sent: bool, key: str, lease: str) -> None:
         if sent and len(self._unanswered) < MAX_UNANSWERED:
