@@ -37,6 +37,8 @@ from proxy.errors import LimiterUnavailable, WsgateError
 from proxy.limiter.redis import REDIS_FAILURES, connect, describe, redacted_url, replica_id
 from proxy.policy.model import RedisLimiter as RedisSettings
 
+#: A message on the channels larger than this is not parsed (a request is a selector and a reason).
+MAX_MESSAGE_BYTES = 16 * 1024
 #: How long :meth:`Cluster.close_everywhere` waits for the replicas' answers.
 REPLY_TIMEOUT = 1.0
 #: Seconds between attempts to subscribe again while Redis is away.
@@ -167,6 +169,8 @@ class Cluster:
 
     async def _received(self, channel: bytes, data: bytes) -> None:
         try:
+            if len(data) > MAX_MESSAGE_BYTES:
+                raise ValueError(f"{len(data)} bytes; a request or a reply is at most {MAX_MESSAGE_BYTES}")
             message = json.loads(data)
             if not isinstance(message, dict) or not isinstance(message.get("id"), str):
                 raise ValueError("not an object with an id")
