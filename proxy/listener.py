@@ -167,7 +167,11 @@ class HandshakeProtocol(asyncio.Protocol):
         # and a reset can destroy our answer before the client reads it. Half-close, discard what still
         # arrives, and cut the socket when the client closes its side or after LINGER_SECONDS.
         self._lingering = True
-        transport.write_eof()
+        try:
+            transport.write_eof()
+        except OSError:  # ENOTCONN: the client is already gone; nothing is left to linger for
+            transport.abort()
+            return
         transport.resume_reading()
         self._timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.abort)
 
