@@ -209,10 +209,18 @@ def _iso(unix: float) -> str:
 
 
 def _network(value: str) -> IPv4Network | IPv6Network:
+    """The network a ``client_ip`` filter names. An IPv4-mapped IPv6 one (``::ffff:10.0.0.0/104``) is
+    its IPv4 network, as client addresses are; a scoped address (``fe80::1%eth0``) names no client."""
     try:
-        return ip_network(value, strict=False)
+        if "%" in value:
+            raise ValueError("scoped")
+        network = ip_network(value, strict=False)
     except ValueError:
         raise AdminRequestError(f"client_ip must be an IP address or a CIDR network, not {value!r}") from None
+    mapped = network.network_address.ipv4_mapped if isinstance(network, IPv6Network) else None
+    if mapped is not None and network.prefixlen >= 96:
+        return IPv4Network((mapped, network.prefixlen - 96))
+    return network
 
 
 def _in_network(client_ip: str, network: IPv4Network | IPv6Network) -> bool:

@@ -363,6 +363,14 @@ def test_a_single_address_is_its_own_network_and_host_bits_are_allowed():
     assert Selector().empty
 
 
+def test_an_ipv4_mapped_filter_is_its_ipv4_network_and_a_scoped_address_is_refused():
+    # Client addresses are kept as IPv4 when a dual-stack socket maps them: so are the filters.
+    assert Selector.from_mapping({"client_ip": "::ffff:10.5.5.5"}).client_ip == ip_network("10.5.5.5/32")
+    assert Selector.from_mapping({"client_ip": "::ffff:10.5.5.0/120"}).client_ip == ip_network("10.5.5.0/24")
+    with pytest.raises(AdminRequestError, match="client_ip must be an IP address"):
+        Selector.from_mapping({"client_ip": "fe80::1%eth0"})
+
+
 @pytest.mark.parametrize(
     ("reason", "problem"),
     [("x" * 124, "124 bytes"), ("\ud800", "lone surrogate"), ("", "must not be empty"), (None, "not null")],
