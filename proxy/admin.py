@@ -17,19 +17,17 @@ import asyncio
 import contextlib
 import hmac
 import json
-import logging
-import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from proxy import logs
-from proxy.accept import Acceptor, bind_sockets
+from proxy.admin_listener import AdminListener
 from proxy.admin_page import PolicyInfo, StatusHistory, load_page, status
 from proxy.errors import AdminRequestError
 from proxy.policy.model import Address, Policy
@@ -43,14 +41,6 @@ from proxy.session_control import (
 )
 from proxy.sessions import Session
 
-#: Admin connections the kernel may queue (scrapers and probes, a few at a time).
-ADMIN_BACKLOG = 128
-#: Admin connections open at once, and how long one may stay open. aiohttp bounds neither the time to
-#: send a request's headers nor the connections, so without these a client trickling headers on many
-#: connections (a slowloris) would hold them for ever and take the descriptors client sessions need.
-#: A scraper or probe needs one connection for well under the lifetime; keep-alive ones reconnect.
-ADMIN_MAX_CONNECTIONS = 64
-ADMIN_CONNECTION_SECONDS = 30.0
 #: The largest request body the admin listener reads (a close request is a few fields): 413 above.
 MAX_ADMIN_BODY = 16 * 1024
 
@@ -84,12 +74,7 @@ class AdminServer:
         self.page = load_page()
         self._sampler: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
-        self._acceptor: Acceptor | None = None
-        self._connecting: set[asyncio.Task[object]] = set()
-        #: Admin connections open, with when each must be closed by; whether accepting is at its cap.
-        self._open: dict[asyncio.Transport, float] = {}
-        self._full = False
-        self._sweeper: asyncio.Task[None] | None = None
+        self._listener: AdminListener | None = None
         self.address: Address | None = None
 
     async def start(self, address: Address, on_accept_error: Callable[[str, str], None]) -> Address:
@@ -111,16 +96,13 @@ class AdminServer:
         app.router.add_route("*", "/sessions/close", self.close_sessions)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
+        self._listener = AdminListener(self._runner, "admin", on_accept_error)
         try:
-            sockets = await bind_sockets(address, ADMIN_BACKLOG)
+            self.address = await self._listener.start(address)
         except BaseException:
             await self.stop()
             raise
-        self._acceptor = Acceptor("admin", sockets, self._accepted, on_accept_error)
-        self._acceptor.start()
-        self.address = Address(*self._acceptor.address)
         self._sampler = asyncio.get_running_loop().create_task(self._sample_periodically())
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_periodically())
         self._sampler.add_done_callback(self._sampler_done)
         return self.address
 
@@ -136,62 +118,15 @@ class AdminServer:
         if error is not None:
             logs.LOGGER.error("admin.sampler_failed", exc_info=error)
 
-    def _accepted(self, sock: socket.socket) -> None:
-        server = self._runner.server if self._runner is not None else None
-        if server is None:  # stopping
-            sock.close()
-            return
-        if len(self._open) + len(self._connecting) >= ADMIN_MAX_CONNECTIONS:
-            self._sweep(time.monotonic())
-            if len(self._open) + len(self._connecting) >= ADMIN_MAX_CONNECTIONS:
-                if not self._full:
-                    self._full = True
-                    logs.event("admin.connections_full", logging.WARNING, limit=ADMIN_MAX_CONNECTIONS)
-                sock.close()
-                return
-        self._full = False
-        loop = asyncio.get_running_loop()
-        task: asyncio.Task[object] = loop.create_task(loop.connect_accepted_socket(server, sock))
-        self._connecting.add(task)
-        task.add_done_callback(self._connected)
-
-    def _connected(self, task: asyncio.Task[object]) -> None:
-        self._connecting.discard(task)
-        error = None if task.cancelled() else task.exception()
-        if error is not None and not isinstance(error, OSError):  # OSError: the scraper left at once
-            logs.LOGGER.error("admin.error", exc_info=error)
-        if not task.cancelled() and error is None:
-            transport = cast("tuple[asyncio.Transport, object]", task.result())[0]
-            self._open[transport] = time.monotonic() + ADMIN_CONNECTION_SECONDS
-
-    def _sweep(self, now: float) -> None:
-        """Forget closed admin connections; cut those open past their lifetime."""
-        for transport, deadline in list(self._open.items()):
-            if transport.is_closing():
-                del self._open[transport]
-            elif now >= deadline:
-                transport.abort()
-                del self._open[transport]
-
-    async def _sweep_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(ADMIN_CONNECTION_SECONDS / 6)
-            self._sweep(time.monotonic())
-
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
         if self._sampler is not None:
             self._sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sampler
             self._sampler = None
-        if self._acceptor is not None:
-            self._acceptor.close()
-            self._acceptor = None
-        for task in list(self._connecting):
-            task.cancel()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

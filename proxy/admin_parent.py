@@ -31,15 +31,14 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 
 from proxy import logs
-from proxy.accept import bind_sockets
+from proxy.admin import MAX_ADMIN_BODY
+from proxy.admin_listener import AdminListener
 from proxy.admin_page import PolicyInfo, StatusHistory, status
 from proxy.metrics_merge import MergedMetrics
 from proxy.policy.model import Address
 
 #: How long a worker's admin listener gets to answer one request of the supervisor's.
 WORKER_TIMEOUT = 2.0
-#: Admin connections the kernel may queue.
-ADMIN_BACKLOG = 128
 #: Request headers forwarded to a worker (the rest describe the hop, not the request).
 _FORWARDED = ("Accept", "Authorization", "Content-Type")
 
@@ -81,6 +80,7 @@ class SupervisorAdmin:
     def __init__(self, view: SupervisorView) -> None:
         self.view = view
         self._runner: web.AppRunner | None = None
+        self._listener: AdminListener | None = None
         self._client: aiohttp.ClientSession | None = None
         self.address: Address | None = None
         #: Each worker's last scrape, by index, with the pid it came from.
@@ -92,13 +92,13 @@ class SupervisorAdmin:
         self._sampler: asyncio.Task[None] | None = None
 
     async def start(self, address: Address) -> Address:
-        """Listen on ``address`` (``SO_REUSEPORT``, as every wsgate listener).
+        """Listen on ``address`` (``SO_REUSEPORT``, as every wsgate listener; bounded as the workers'
+        admin listeners are, see :mod:`proxy.admin_listener`).
 
         Raises:
             OSError: the address cannot be bound.
         """
-        sockets = await bind_sockets(address, ADMIN_BACKLOG)
-        app = web.Application()
+        app = web.Application(client_max_size=MAX_ADMIN_BODY)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
@@ -106,13 +106,15 @@ class SupervisorAdmin:
         app.router.add_post("/sessions/close", self.close_sessions)
         app.router.add_get("/status.json", self.status)
         app.router.add_route("*", "/{tail:.*}", self.forward)
-        self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WORKER_TIMEOUT))
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        for sock in sockets:
-            await web.SockSite(self._runner, sock).start()
-        host, port = sockets[0].getsockname()[:2]
-        self.address = Address(str(host), int(port))
+        self._listener = AdminListener(self._runner, "supervisor")
+        try:
+            self.address = await self._listener.start(address)
+        except BaseException:
+            await self.stop()
+            raise
+        self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WORKER_TIMEOUT))
         self._sampler = asyncio.get_running_loop().create_task(self._sample_periodically())
         return self.address
 
@@ -126,6 +128,9 @@ class SupervisorAdmin:
                 logs.LOGGER.exception("supervisor.sample_failed")
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._sampler is not None:
             self._sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -303,7 +303,7 @@ async def test_an_admin_slowloris_is_capped_and_cut_and_clients_are_still_served
     served meanwhile."""
     import socket
 
-    from proxy import admin
+    from proxy import admin_listener as admin
 
     monkeypatch.setattr(admin, "ADMIN_CONNECTION_SECONDS", 1.0)
     gw = await gateway(f"routes:\n  - {{path: /echo, upstream: '{upstream.url()}', auth: none}}\n")
