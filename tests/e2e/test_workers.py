@@ -61,8 +61,11 @@ class Workers:
         return {entry["worker"] for entry in self.process.events("session.open") if entry["route"] == path}
 
 
-async def start_workers(wsgate_process, policy: Path, *extra: str) -> Workers:
-    process = wsgate_process("serve", "-c", str(policy), "--workers", "2", "--log-format", "json", *extra)
+async def start_workers(
+    wsgate_process, policy: Path, *extra: str, env: dict[str, str] | None = None
+) -> Workers:
+    command = ("serve", "-c", str(policy), "--workers", "2", "--log-format", "json", *extra)
+    process = wsgate_process(*command, env=env)
     listening = await process.wait_for("supervisor.listening", timeout=20)
     port = int(listening["address"].rsplit(":", 1)[1])
     admin = int(listening["admin"].rsplit(":", 1)[1])
@@ -369,6 +372,10 @@ async def test_a_worker_refuses_a_reload_into_unshared_limits(upstream, wsgate_p
     assert await workers.process.wait_exit() == 0
 
 
+#: The admin token of the tests that list and close sessions through the supervisor.
+ADMIN_ENV = {"WSGATE_TEST_ADMIN_TOKEN": "admin-token-0123456789"}
+
+
 async def test_sessions_of_every_worker_are_listed_and_closed_through_the_admin_address(
     upstream, wsgate_process, tmp_path
 ):
@@ -378,20 +385,8 @@ async def test_sessions_of_every_worker_are_listed_and_closed_through_the_admin_
         'admin: {address: "127.0.0.1:0", token_env: WSGATE_TEST_ADMIN_TOKEN}\n'
         f"routes:\n  - path: /echo\n    upstream: {upstream.url('/')}\n    auth: none\n"
     )
-    process = wsgate_process(
-        "serve",
-        "-c",
-        str(policy),
-        "--workers",
-        "2",
-        "--log-format",
-        "json",
-        env={"WSGATE_TEST_ADMIN_TOKEN": "admin-token-0123456789"},
-    )
-    listening = await process.wait_for("supervisor.listening", timeout=20)
-    workers = Workers(
-        process, int(listening["address"].rsplit(":", 1)[1]), int(listening["admin"].rsplit(":", 1)[1])
-    )
+    workers = await start_workers(wsgate_process, policy, env=ADMIN_ENV)
+    process = workers.process
     token = {"Authorization": "Bearer admin-token-0123456789"}
     async with aiohttp.ClientSession() as session:
         opened = await sessions_on_both(session, workers)
@@ -428,20 +423,8 @@ async def test_with_a_shared_redis_limits_count_across_workers_and_one_close_rea
         f'limiter: {{redis: {{url: "{redis.url}"}}}}\nlimits: {{connections_per_ip: 4}}\n'
         f"routes:\n  - path: /echo\n    upstream: {upstream.url('/')}\n    auth: none\n"
     )
-    process = wsgate_process(
-        "serve",
-        "-c",
-        str(policy),
-        "--workers",
-        "2",
-        "--log-format",
-        "json",
-        env={"WSGATE_TEST_ADMIN_TOKEN": "admin-token-0123456789"},
-    )
-    listening = await process.wait_for("supervisor.listening", timeout=20)
-    workers = Workers(
-        process, int(listening["address"].rsplit(":", 1)[1]), int(listening["admin"].rsplit(":", 1)[1])
-    )
+    workers = await start_workers(wsgate_process, policy, env=ADMIN_ENV)
+    process = workers.process
     token = {"Authorization": "Bearer admin-token-0123456789"}
     async with aiohttp.ClientSession() as session:
         opened = []
