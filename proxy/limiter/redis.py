@@ -357,8 +357,7 @@ class RedisLimiter:
         if self._closed:
             return
         try:
-            if not self._up or not await self._quietly(lambda: self._redis.zrem(self._prefix + key, lease)):
-                self._unanswered_lease(True, key, lease)
+            await self._forget(key, lease)
         except asyncio.CancelledError:  # the lease is no longer this process's: remove it all the same
             self._remove_later(key, lease)
             raise
@@ -367,14 +366,14 @@ class RedisLimiter:
         if sent and len(self._unanswered) < MAX_UNANSWERED:
             self._unanswered.append((key, lease))
 
+    async def _forget(self, key: str, lease: str) -> None:
+        """Remove a lease nobody holds; one Redis cannot hear now is removed once it is back."""
+        if not self._up or not await self._quietly(lambda: self._redis.zrem(self._prefix + key, lease)):
+            self._unanswered_lease(True, key, lease)
+
     def _remove_later(self, key: str, lease: str) -> None:
-        """Remove a lease nobody holds, in the background (a cancelled caller cannot wait for it)."""
-
-        async def remove() -> None:
-            if not self._up or not await self._quietly(lambda: self._redis.zrem(self._prefix + key, lease)):
-                self._unanswered_lease(True, key, lease)
-
-        task = asyncio.get_running_loop().create_task(remove())
+        """:meth:`_forget` in the background (a cancelled caller cannot wait for it)."""
+        task = asyncio.get_running_loop().create_task(self._forget(key, lease))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
@@ -436,10 +435,14 @@ class RedisLimiter:
             return
         self._verifying = asyncio.get_running_loop().create_task(self._verify())
 
+    async def _write_probe(self) -> None:
+        """One short-lived write: what tells a Redis that takes leases from one that only answers."""
+        await self._redis.set(self._prefix + "probe", self.replica, px=PROBE_TTL_MS)
+
     async def _verify(self) -> None:
         try:
             async with asyncio.timeout(max(self._timeout, VERIFY_TIMEOUT)):
-                await self._redis.set(self._prefix + "probe", self.replica, px=PROBE_TTL_MS)
+                await self._write_probe()
         except REDIS_FAILURES as error:
             self._went_down(error)
         else:
@@ -489,7 +492,7 @@ class RedisLimiter:
                 async with asyncio.timeout(probe_timeout):
                     # A write, not a PING: a Redis at maxmemory or a read-only replica answers PING
                     # but refuses every lease, and would make the limiter flap up and down.
-                    await self._redis.set(self._prefix + "probe", self.replica, px=PROBE_TTL_MS)
+                    await self._write_probe()
             except REDIS_FAILURES:
                 continue
             try:
