@@ -34,7 +34,7 @@ from typing import Any
 
 from proxy import logs
 from proxy.errors import LimiterUnavailable, WsgateError
-from proxy.limiter.redis import REDIS_FAILURES, connect, describe, redacted_url, replica_id
+from proxy.limiter.redis import CLOSE_TIMEOUT, REDIS_FAILURES, connect, describe, redacted_url, replica_id
 from proxy.policy.model import RedisLimiter as RedisSettings
 
 #: A message on the channels larger than this is not parsed (a request is a selector and a reason).
@@ -104,9 +104,11 @@ class Cluster:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self._redis.aclose()
+            # Bounded, and a cancellation of close() itself still propagates.
+            await asyncio.wait([self._task], timeout=CLOSE_TIMEOUT)
+        with contextlib.suppress(*REDIS_FAILURES):
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self._redis.aclose()
 
     async def close_everywhere(self, selector: dict[str, Any], reason: str) -> dict[str, int]:
         """Close the sessions matching ``selector`` on every replica; ``{"closed": n, "replicas": m}``,

@@ -83,6 +83,8 @@ MAX_CONNECTIONS = 32
 #: How long a decision may queue for one of those connections. Beyond it, that decision follows
 #: ``on_error`` (the gateway is overloaded, not Redis), and the limiter stays up.
 QUEUE_TIMEOUT = 1.0
+#: How long close() waits for its background tasks, and then for the connections to close.
+CLOSE_TIMEOUT = 2.0
 
 #: Unanswered lease requests remembered for removal; beyond these, a lease Redis took after its caller
 #: gave up lingers until lease_ttl.
@@ -277,9 +279,10 @@ class RedisLimiter:
         pending = [*self._tasks, *self._cleanups, *([self._verifying] if self._verifying else [])]
         for task in pending:
             task.cancel()
-        for task in pending:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if pending:
+            # Bounded, and without swallowing a cancellation of close() itself: a task that does not
+            # end (a client library that ate its cancellation) must not hang a shutdown.
+            await asyncio.wait(pending, timeout=CLOSE_TIMEOUT)
         leases, self._leases = self._leases, {}
         self._phantoms.clear()
         self._idle.set()
@@ -290,7 +293,9 @@ class RedisLimiter:
                         for key, ids in leases.items():
                             pipe.zrem(self._prefix + key, *ids)
                         await pipe.execute()
-        await self._redis.aclose()
+        with contextlib.suppress(*REDIS_FAILURES):
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self._redis.aclose()
 
     async def wait_idle(self) -> None:
         """Until this process holds no slot."""
@@ -494,6 +499,8 @@ class RedisLimiter:
                     # but refuses every lease, and would make the limiter flap up and down.
                     await self._write_probe()
             except REDIS_FAILURES:
+                if self._closed:
+                    return
                 continue
             try:
                 await self._recovered()

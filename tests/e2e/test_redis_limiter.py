@@ -648,3 +648,30 @@ async def test_connections_redis_closed_while_idle_are_replaced_not_taken_for_an
         assert limiter.up and log_events.named("limiter.down") == []
     finally:
         await limiter.close()
+
+
+async def test_closing_the_limiter_of_a_redis_that_never_answers_takes_seconds_not_forever(log_events):
+    """A partitioned Redis host accepts TCP and never answers: decisions follow on_error, the probe
+    keeps timing out, and closing the limiter (a drain, a reload that drops limiter.redis) still ends
+    within its bound instead of hanging the shutdown."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = {"url": f"redis://127.0.0.1:{port}/0", "key_prefix": "h:", "timeout": 0.05, "lease_ttl": 30.0}
+    limiter = RedisLimiter(RedisSettings(**settings), "allow")  # type: ignore[arg-type]
+    limiter.start()
+    try:
+        assert await limiter.acquire("ip:a", 5)  # no answer: allowed, on_error allow
+        await log_events.wait_for("limiter.down", timeout=3.0)
+        await asyncio.sleep(0.7)  # a probe is in flight
+        started = time.monotonic()
+        await asyncio.wait_for(limiter.close(), timeout=10)
+        assert time.monotonic() - started < 5.0
+    finally:
+        server.close()
+        for writer in held:
+            writer.close()
