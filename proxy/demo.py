@@ -196,7 +196,6 @@ async def run_demo(listen: str, admin: str) -> int:
         )
         policy = load_demo_policy(policy_text, secret)
         token = demo_token(secret, time.time())
-        del secret
         print(banner(policy_text, str(policy.listen.address), str(policy.admin), token), flush=True)
         return await serve(policy)
     finally:
