@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from http import HTTPStatus
 from types import SimpleNamespace
 
 import aiohttp
@@ -31,6 +32,8 @@ from proxy.errors import CloseCode
 EXIT_NORMAL, EXIT_CANNOT_CONNECT, EXIT_REFUSED = 0, 1, 2
 #: Headers of a refusal worth showing: what a client is asked to do about it.
 _TELLING_HEADERS = ("WWW-Authenticate", "Retry-After")
+#: How long a TCP (and TLS) connect may take before the client gives up.
+CONNECT_TIMEOUT_S = 30.0
 #: A printed message is cut to this many characters (a message of 2 KiB is not read on a terminal).
 _SHOWN_CHARACTERS = 72
 
@@ -63,7 +66,7 @@ def refusal_line(status: int, reason_phrase: str, body: bytes | None, headers: d
     return f"refused: HTTP {status} {described}{told}"
 
 
-async def _stdin_lines(queue: asyncio.Queue[str | None]) -> None:
+def _stdin_lines(queue: asyncio.Queue[str | None]) -> None:
     """Feed stdin's lines to ``queue`` from a daemon thread (so a blocked read never holds up the exit);
     ``None`` marks the end of input."""
     loop = asyncio.get_running_loop()
@@ -104,13 +107,19 @@ async def run_client(
 
     trace = aiohttp.TraceConfig()
     trace.on_request_end.append(keep_refusal_body)
-    async with aiohttp.ClientSession(trace_configs=[trace]) as session:
+    # No total timeout: aiohttp's would also end the WebSocket; a connect that hangs is cut, not waited on.
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
+    async with aiohttp.ClientSession(trace_configs=[trace], timeout=timeout) as session:
         try:
             ws = await session.ws_connect(url, headers=headers, max_msg_size=0)
         except aiohttp.WSServerHandshakeError as error:
             body = refused_body[0] if refused_body else None
             response_headers = dict(error.headers or {})
-            print(refusal_line(error.status, error.message, body, response_headers), flush=True)
+            try:
+                phrase = HTTPStatus(error.status).phrase
+            except ValueError:  # a status with no name: aiohttp's own description
+                phrase = error.message
+            print(refusal_line(error.status, phrase, body, response_headers), flush=True)
             return EXIT_REFUSED
         except (aiohttp.ClientError, OSError) as error:
             print(f"error: cannot connect to {url}: {error}", flush=True)
@@ -122,33 +131,15 @@ async def run_client(
 
 async def _converse(ws: aiohttp.ClientWebSocketResponse, outgoing: list[str], wait: float) -> int:
     """Send ``outgoing`` (or stdin's lines) while printing what arrives; then close, unless the server did."""
-    last_heard = [time.monotonic()]
-    #: The server's close frame (code, reason), when the server closed first.
-    server_close: list[tuple[int, str]] = []
-
-    async def receive() -> None:
-        while True:
-            message = await ws.receive()
-            last_heard[0] = time.monotonic()
-            if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                print(f"< {shown(message.data)}", flush=True)
-            elif message.type == WSMsgType.CLOSE:
-                server_close.append((int(message.data), str(message.extra or "")))
-                return
-            elif message.type == WSMsgType.ERROR:
-                print(f"error: {message.data}", flush=True)
-                return
-            else:  # CLOSING or CLOSED: the connection ended without a close frame
-                return
-
-    receiver = asyncio.create_task(receive())
+    conversation = _Conversation(ws)
+    receiver = asyncio.create_task(conversation.receive())
     source: asyncio.Queue[str | None] | None = None
     if not outgoing:
         source = asyncio.Queue()
-        await _stdin_lines(source)
-    await _send_all(ws, receiver, outgoing, source)
+        _stdin_lines(source)
+    await conversation.send_all(receiver, outgoing, source)
     while not receiver.done():
-        quiet_for = time.monotonic() - last_heard[0]
+        quiet_for = time.monotonic() - conversation.last_activity
         if quiet_for >= wait:
             break
         await asyncio.wait({receiver}, timeout=wait - quiet_for)
@@ -156,44 +147,72 @@ async def _converse(ws: aiohttp.ClientWebSocketResponse, outgoing: list[str], wa
         # aiohttp's close() ends the pending receive() itself (a cancelled receive would record 1006)
         await ws.close(code=CloseCode.NORMAL)
     await receiver
-    if server_close:
-        code, reason = server_close[0]
+    if conversation.server_close is not None:
+        code, reason = conversation.server_close
         print(f"closed by the server: {code} {reason}".rstrip(), flush=True)
         return EXIT_NORMAL if code == CloseCode.NORMAL else EXIT_REFUSED
     if not ws.closed:
         await ws.close(code=CloseCode.NORMAL)
-    if ws.close_code == CloseCode.NORMAL:
-        print(f"closed: {ws.close_code} (by this client)", flush=True)
+    answered = ws.close_code
+    if answered == CloseCode.NORMAL:
+        print("closed: 1000 (by this client)", flush=True)
         return EXIT_NORMAL
-    print(f"closed: the connection ended without a close frame ({ws.close_code})", flush=True)
+    if answered is None or answered == CloseCode.ABNORMAL:
+        print("closed: the connection ended without a close frame", flush=True)
+    else:  # the server's own close crossed ours
+        print(f"closed: 1000 (by this client; the server answered {answered})", flush=True)
     return EXIT_REFUSED
 
 
-async def _send_all(
-    ws: aiohttp.ClientWebSocketResponse,
-    receiver: asyncio.Task[None],
-    outgoing: list[str],
-    source: asyncio.Queue[str | None] | None,
-) -> None:
-    """Send each message until the list (or stdin) ends or the session is closing."""
-    index = 0
-    while not receiver.done() and not ws.closed:
-        if source is not None:
-            getter = asyncio.ensure_future(source.get())
-            await asyncio.wait({getter, receiver}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
+class _Conversation:
+    """One open session's two halves: what is sent, what arrives, and when anything last happened (the
+    client closes once nothing has for ``--wait`` seconds)."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.last_activity = time.monotonic()
+        #: The server's close frame (code, reason), when the server closed first.
+        self.server_close: tuple[int, str] | None = None
+
+    async def receive(self) -> None:
+        """Print each message until the session closes; keep the server's close frame."""
+        while True:
+            message = await self.ws.receive()
+            self.last_activity = time.monotonic()
+            if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                print(f"< {shown(message.data)}", flush=True)
+            elif message.type == WSMsgType.CLOSE:
+                self.server_close = (int(message.data), str(message.extra or ""))
                 return
-            text = getter.result()
-            if text is None:
+            elif message.type == WSMsgType.ERROR:
+                print(f"error: {message.data}", flush=True)
                 return
-        elif index < len(outgoing):
-            text = outgoing[index]
-            index += 1
-        else:
-            return
-        print(f"> {shown(text)}", flush=True)
-        try:
-            await ws.send_str(text)
-        except ConnectionResetError:  # the server closed meanwhile: its close frame says why
-            return
+            else:  # CLOSING (our close() ended the wait) or CLOSED
+                return
+
+    async def send_all(
+        self, receiver: asyncio.Task[None], outgoing: list[str], source: asyncio.Queue[str | None] | None
+    ) -> None:
+        """Send each message until the list (or stdin) ends or the session is closing."""
+        index = 0
+        while not receiver.done() and not self.ws.closed:
+            if source is not None:
+                getter = asyncio.ensure_future(source.get())
+                await asyncio.wait({getter, receiver}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    return
+                text = getter.result()
+                if text is None:
+                    return
+            elif index < len(outgoing):
+                text = outgoing[index]
+                index += 1
+            else:
+                return
+            print(f"> {shown(text)}", flush=True)
+            try:
+                await self.ws.send_str(text)
+            except ConnectionResetError:  # the server closed meanwhile: its close frame says why
+                return
+            self.last_activity = time.monotonic()

@@ -203,3 +203,32 @@ def test_client_reports_refusals_closes_and_unreachable_addresses(demo):
 def test_ctrl_c_stops_the_demo(demo):
     demo.process.signal(signal.SIGINT)
     assert demo.process.process.wait(timeout=30) == 0
+
+
+def test_client_sends_stdin_lines_as_they_come_and_waits_after_the_last(demo):
+    """A line typed long after the previous echo still gets its answer: the quiet time counts from the
+    last message sent, not the last one received."""
+    client = subprocess.Popen(
+        [str(WSGATE), "client", f"ws://127.0.0.1:{demo.port}/echo"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert client.stdin is not None and client.stdout is not None
+        assert client.stdout.readline().startswith("connected: HTTP 101")
+        client.stdin.write("first\n")
+        client.stdin.flush()
+        assert client.stdout.readline() == "> first\n"
+        assert client.stdout.readline() == "< first\n"
+        time.sleep(1.5)  # longer than --wait's default of 1 s
+        client.stdin.write("close:4001\n")
+        client.stdin.close()
+        client.wait(timeout=60)
+        rest = client.stdout.read()
+        errors = client.stderr.read() if client.stderr is not None else ""
+    finally:
+        client.kill()
+    assert rest.splitlines() == ["> close:4001", "closed by the server: 4001 bye"], rest + errors
+    assert client.returncode == 2
