@@ -51,6 +51,38 @@ def _worker_count(text: str) -> int:
     return count
 
 
+#: A larger message is not a demonstration of anything but the client's memory.
+MAX_FILLER_BYTES = 64 * 1024 * 1024
+
+
+def _filler_message(text: str) -> str:
+    from proxy.policy.units import parse_size
+
+    try:
+        size = parse_size(int(text) if text.isdigit() else text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if size > MAX_FILLER_BYTES:
+        raise argparse.ArgumentTypeError("must be at most 64MiB")
+    return "x" * size
+
+
+def _repeat_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 100_000:
+        raise argparse.ArgumentTypeError("must be a whole number between 1 and 100000")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError("must be between 0 and 3600")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``wsgate`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -97,12 +129,57 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="run the gateway in front of a built-in echo service",
-        description="Start a built-in echo upstream and the gateway in front of it.",
+        description="Start a built-in echo upstream and the gateway in front of it: an open route /echo "
+        "and a guarded route /secure (an HS256 token, an Origin allowlist, small limits). It prints the "
+        "policy, a token valid for one hour, and a shell line showing each answer the guards give.",
     )
     demo.add_argument(
         "--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="default: 127.0.0.1:8080"
     )
+    demo.add_argument(
+        "--admin",
+        default="127.0.0.1:9090",
+        metavar="HOST:PORT",
+        help="the admin listener (page, /metrics, /healthz); default: 127.0.0.1:9090",
+    )
     _add_log_options(demo)
+
+    client = commands.add_parser(
+        "client",
+        help="open one WebSocket and show what the gateway answers",
+        description="Open one WebSocket, send the given messages (without --send or --send-size: each "
+        "line of stdin), print each message received, then how it ended: a refused handshake's status "
+        "and reason, or the close code and reason. Exit 0 for a session that ended with 1000, 2 for a "
+        "refused handshake or another close code, 1 when the address cannot be reached.",
+    )
+    client.add_argument("url", metavar="URL", help="ws:// or wss:// URL")
+    client.add_argument("--token", metavar="JWT", help="sent as Authorization: Bearer JWT")
+    client.add_argument("--origin", metavar="ORIGIN", help="sent as the Origin header")
+    client.add_argument(
+        "--send",
+        dest="messages",
+        action="append",
+        metavar="TEXT",
+        help="a text message to send (repeatable, sent in order)",
+    )
+    client.add_argument(
+        "--send-size",
+        dest="messages",
+        action="append",
+        type=_filler_message,
+        metavar="SIZE",
+        help="a text message of SIZE bytes (x repeated), e.g. 2KiB (repeatable, in order with --send)",
+    )
+    client.add_argument(
+        "--repeat", type=_repeat_count, default=1, metavar="N", help="send the messages N times (default: 1)"
+    )
+    client.add_argument(
+        "--wait",
+        type=_seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="after the last message, how long nothing may arrive before the client closes (default: 1)",
+    )
 
     explain = commands.add_parser(
         "explain",
@@ -127,7 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``wsgate`` and ``python -m proxy``; returns the exit code."""
     args = build_parser().parse_args(argv)
-    commands = {"check": _check, "serve": _serve, "demo": _demo, "explain": _explain, "schema": _schema}
+    commands = {
+        "check": _check,
+        "serve": _serve,
+        "demo": _demo,
+        "client": _client,
+        "explain": _explain,
+        "schema": _schema,
+    }
     try:
         return commands[args.command](args)
     except (PolicyError, StartupError, ArgumentError) as error:
@@ -185,7 +269,16 @@ def _demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo
 
     logs.configure(args.log_format or "auto", args.log_level or "info")
-    return _run(run_demo(args.listen))
+    return _run(run_demo(args.listen, args.admin))
+
+
+def _client(args: argparse.Namespace) -> int:
+    from proxy.client import run_client
+
+    try:
+        return _run(run_client(args.url, args.token, args.origin, args.messages, args.repeat, args.wait))
+    except KeyboardInterrupt:
+        return 130
 
 
 def _explain(args: argparse.Namespace) -> int:

@@ -97,21 +97,6 @@ def test_check_missing_file():
     assert "Traceback" not in result.stderr
 
 
-async def test_demo_runs_an_echo_service_behind_the_gateway(wsgate_process):
-    port = free_port()
-    process = wsgate_process("demo", "--listen", f"127.0.0.1:{port}", "--log-format", "json")
-    assert await process.listening_port() == port
-    assert any(f"ws://127.0.0.1:{port}/echo" in line for line in process.lines)
-    async with aiohttp.ClientSession() as session, session.ws_connect(f"ws://127.0.0.1:{port}/echo") as ws:
-        await ws.send_str("hello demo")
-        assert (await ws.receive(timeout=5)).data == "hello demo"
-        await ws.send_str("close:4000")
-        message = await ws.receive(timeout=5)
-        assert (message.type, message.data) == (WSMsgType.CLOSE, 4000)
-    process.signal(signal.SIGINT)
-    assert await process.wait_exit() == 0
-
-
 def _policy(tmp_path: Path, upstream_url: str, limits: str = "") -> Path:
     path = tmp_path / "policy.yaml"
     path.write_text(
