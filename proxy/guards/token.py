@@ -38,6 +38,11 @@ def fingerprint(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:12]
 
 
+def token_digest(token: str) -> bytes:
+    """The key of a verified-token cache: the token's SHA-256."""
+    return hashlib.sha256(token.encode("utf-8", "replace")).digest()
+
+
 def _unauthorized(reason: str, detail: str, error: str = "invalid_token") -> Rejection:
     return Rejection(401, reason, detail, (("WWW-Authenticate", f'{_CHALLENGE}, error="{error}"'),))
 
@@ -137,7 +142,7 @@ class TokenVerifier:
         provider = self.provider
         if len(token) > provider.max_token_bytes:
             raise _unauthorized("auth_invalid", f"token larger than {provider.max_token_bytes} bytes")
-        digest = hashlib.sha256(token.encode("utf-8", "replace")).digest()
+        digest = token_digest(token)
         cached = self._cache.get(digest)
         if cached is not None:
             if cached.expires_at is None or cached.expires_at > time.time():
@@ -154,6 +159,11 @@ class TokenVerifier:
         if len(self._cache) > self.CACHE_SIZE:
             self._cache.popitem(last=False)
         return identity
+
+    def verified_claims(self, token: str) -> dict[str, Any] | None:
+        """The claims of ``token`` if this provider verified it and still holds it in its cache."""
+        cached = self._cache.get(token_digest(token))
+        return cached.claims if cached is not None else None
 
     async def _decode(self, token: str) -> dict[str, Any]:
         provider = self.provider
@@ -253,6 +263,12 @@ async def choose_verifier(token: str, verifiers: list[TokenVerifier]) -> TokenVe
     """
     if len(verifiers) == 1:
         return verifiers[0]
+    for verifier in verifiers:
+        # A token a provider verified before (on this route or another) carries a known iss: when that iss
+        # alone chooses this provider here, the unverified decoding below is spared (a reconnect storm).
+        verified = verifier.verified_claims(token)
+        if verified is not None and _by_issuer(verified.get("iss"), verifiers) == [verifier]:
+            return verifier
     largest = max(verifier.provider.max_token_bytes for verifier in verifiers)
     if len(token) > largest:
         raise _unauthorized("auth_invalid", f"token larger than {largest} bytes")
@@ -261,10 +277,7 @@ async def choose_verifier(token: str, verifiers: list[TokenVerifier]) -> TokenVe
         payload = jwt.decode(token, options={"verify_signature": False})
     except jwt.PyJWTError:
         raise _unauthorized("auth_invalid", "malformed token") from None
-    issuer = payload.get("iss")
-    chosen = [verifier for verifier in verifiers if verifier.provider.issuer == issuer]
-    if not chosen:
-        chosen = [verifier for verifier in verifiers if verifier.provider.issuer is None]
+    chosen = _by_issuer(payload.get("iss"), verifiers)
     if not chosen:
         raise _unauthorized("auth_invalid", "token issuer matches no provider of this route")
     if len(chosen) == 1:
@@ -278,6 +291,12 @@ async def choose_verifier(token: str, verifiers: list[TokenVerifier]) -> TokenVe
         if await verifier.jwks.holds(kid):
             return verifier
     raise _unauthorized("auth_invalid", "no key for this token (unknown kid)")
+
+
+def _by_issuer(issuer: object, verifiers: list[TokenVerifier]) -> list[TokenVerifier]:
+    """The verifiers an ``iss`` leaves to choose from: those of that issuer, else the one without."""
+    chosen = [verifier for verifier in verifiers if verifier.provider.issuer == issuer]
+    return chosen or [verifier for verifier in verifiers if verifier.provider.issuer is None]
 
 
 async def check_token(context: HandshakeContext) -> Rejection | None:

@@ -194,19 +194,40 @@ async def test_a_third_issuer_is_refused_401_and_no_provider_is_tried(
     assert f"staff: iss '{STAFF}'; partners: iss '{PARTNERS}'" in text
 
 
+async def test_explain_judges_given_claims_by_the_provider_their_iss_picks(gateway, upstream, providers):
+    gw = await gateway(policy(upstream, providers))
+    policy_now = gw.gateway.policy
+    given = claims(PARTNERS, sub="bob")
+    result = await explain(policy_now, "/echo", "198.51.100.7", claims=given)
+    assert result.admitted
+    assert "pass: subject 'bob' via claims, provider 'partners'" in result.render()
+    # the staff provider wants its audience: claims of its issuer without it are refused by staff
+    result = await explain(policy_now, "/echo", "198.51.100.7", claims=claims(STAFF))
+    assert (result.status, result.reason) == (401, "auth_invalid")
+    result = await explain(policy_now, "/echo", "198.51.100.7", claims=claims("https://elsewhere.test"))
+    assert (result.status, result.detail) == (401, "token issuer matches no provider of this route")
+
+
 async def test_a_provider_without_issuer_takes_the_tokens_no_other_issuer_claims(
     gateway, upstream, providers
 ):
     del providers["partners"]["issuer"]
-    gw = await gateway(policy(upstream, providers))
+    providers["partners"]["token_sources"] = ["query", "header"]
+    document = yaml.safe_load(policy(upstream, providers))
+    # /partners: the provider without an issuer alone, so it accepts a token of any iss there
+    document["routes"].append({"path": "/partners", "upstream": upstream.url("/headers"), "auth": "partners"})
+    gw = await gateway(yaml.safe_dump(document))
     anyone = jwt.encode(claims("https://elsewhere.test"), rsa_key("partners"), algorithm="RS256")
     ws, _, _ = await opened(gw.port, path=f"/echo?partner_token={anyone}")
     await close_session(ws)
-    # a staff-issued token still goes to staff, which verifies it (and refuses an RSA signature)
+    # a staff-issued token still goes to staff on /echo, which refuses an RSA signature -- even once the
+    # provider without an issuer verified (and cached) the same token on /partners
     forged = jwt.encode(claims(STAFF, aud="staff-app"), rsa_key("partners"), algorithm="RS256")
+    ws, _, _ = await opened(gw.port, bearer(forged), path="/partners")
+    await close_session(ws)
     status, body = await refused(gw.port, bearer(forged))
     assert (status, body["error"]) == (401, "auth_invalid")
-    assert "algorithm" in body["detail"]
+    assert body["detail"] == "token algorithm 'RS256' not allowed"
 
 
 # -- where tokens travel, and that none goes further -------------------------------------------------
