@@ -150,14 +150,16 @@ async def test_each_issuer_is_admitted_by_its_own_provider_and_named(
     opened_partner = await log_events.wait_for("session.open", subject="bob")
     assert opened_partner["provider"] == "partners"
     assert seen["query"] == "room=7"
-    # the admin listing names each session's provider
-    async with aiohttp.ClientSession() as client:
-        url = f"http://127.0.0.1:{gw.gateway.admin_address.port}/sessions"
-        async with client.get(url, headers=bearer(ADMIN_TOKEN)) as response:
+    # the admin listing names each session's provider, and selects by it
+    url = f"http://127.0.0.1:{gw.gateway.admin_address.port}/sessions"
+    async with aiohttp.ClientSession(headers=bearer(ADMIN_TOKEN)) as client:
+        async with client.get(url) as response:
             assert response.status == 200
-            listed = await response.json()
-    providers_by_subject = {item["subject"]: item["provider"] for item in listed}
-    assert providers_by_subject == {"alice": "staff", "bob": "partners"}
+            listed = {item["subject"]: item["provider"] for item in await response.json()}
+        async with client.get(f"{url}?provider=partners") as response:
+            selected = [item["subject"] for item in await response.json()]
+    assert listed == {"alice": "staff", "bob": "partners"}
+    assert selected == ["bob"]
     await close_session(staff)
     await close_session(partner)
     closed = await log_events.wait_for("session.close", subject="bob")
