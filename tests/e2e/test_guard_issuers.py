@@ -301,6 +301,17 @@ async def test_connections_per_subject_count_each_provider_apart(gateway, upstre
     await close_session(partner)
 
 
+async def test_the_matched_tokens_expiry_ends_its_session(gateway, upstream, providers):
+    providers["staff"]["leeway"] = "1h"  # the other provider's leeway does not stretch a partner token
+    gw = await gateway(policy(upstream, providers))
+    exp = int(time.time()) + 2
+    ws, _, _ = await opened(gw.port, path=f"/echo?partner_token={partner_token(exp=exp)}")
+    frame = await ws.recv_close(timeout=10)
+    assert (frame.close_code, frame.close_reason) == (1008, "token expired")
+    assert time.time() <= exp + 5
+    ws.close()
+
+
 # -- kid between two JWKS providers of one issuer ----------------------------------------------------
 
 
