@@ -18,6 +18,7 @@ from proxy.guards.base import ExplainInput
 from proxy.guards.context import HandshakeContext
 from proxy.guards.registry import GUARDS
 from proxy.guards.slots import LimiterSlots
+from proxy.guards.token import provider_by_issuer, unverified_issuer
 from proxy.handshake import Pipeline
 from proxy.limiter.memory import MemoryLimiter
 from proxy.policy.model import Policy, Route
@@ -55,7 +56,7 @@ class Explanation:
         if route is None:
             lines.append("route     none matches")
         else:
-            auth = route.auth or "none"
+            auth = ", ".join(route.auth) or "none"
             lines.append(f"route     {route.path} ({route.match}) -> {route.upstream.url}, auth: {auth}")
         for number, step in enumerate(self.steps, 1):
             line = f"  {number}. {step.guard:<24} {step.verdict}"
@@ -86,7 +87,11 @@ def _request(
     target = path
     if token is not None:
         source = "header"
-        provider = policy.provider(route.auth) if route is not None and route.auth is not None else None
+        providers = policy.route_providers(route) if route is not None else ()
+        # The token goes where the provider its iss picks looks first (the first provider without one).
+        provider = provider_by_issuer(unverified_issuer(token), providers) if providers else None
+        if provider is None and providers:
+            provider = providers[0]
         if provider is not None:
             source = provider.token_sources[0]
         if source == "query" and provider is not None:
@@ -115,7 +120,7 @@ async def explain(
     if route is None:
         result.status, result.reason, result.detail = 404, "no_route", f"no route for {path}"
         return result
-    if claims is not None and route.auth is not None:
+    if claims is not None and route.auth:
         token = None
     request = _request(policy, route, path, client_ip, origin, token)
     limiter = MemoryLimiter()

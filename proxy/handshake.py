@@ -41,8 +41,9 @@ class Admission:
     #: The X-Forwarded-For value for the upstream (the trusted chain plus the peer).
     forwarded_for: str
     identity: Identity | None = None
-    #: The route's auth provider (None on an open route): where its token travels, so it is not forwarded.
-    provider: AuthProvider | None = None
+    #: The route's auth providers (none on an open route): every place a token of theirs travels, so none
+    #: is forwarded, whichever provider took the token.
+    providers: tuple[AuthProvider, ...] = ()
 
 
 class Pipeline:
@@ -114,5 +115,6 @@ class Pipeline:
         finally:
             # a refused token's fingerprint, for the refusal's log line
             request.token_fingerprint = context.token_fingerprint
-        provider = policy.provider(route.auth) if route.auth is not None else None
-        return Admission(route, client_ip, forwarded_for, context.identity, provider)
+            request.token_provider = context.token_provider
+        providers = policy.route_providers(route)
+        return Admission(route, client_ip, forwarded_for, context.identity, providers)

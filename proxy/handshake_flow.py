@@ -107,6 +107,7 @@ class HandshakeFlow:
             route=route.path if route is not None else None,
             path=request.path if request else None,
             token=request.token_fingerprint if request else None,
+            provider=request.token_provider if request else None,
             status=rejection.status,
             reason=rejection.reason,
             detail=rejection.detail,
@@ -200,6 +201,7 @@ class HandshakeFlow:
             upstream=route.upstream.url,
             subprotocol=upstream.subprotocol,
             subject=identity.subject if identity else None,
+            provider=identity.provider if identity else None,
             token=identity.fingerprint if identity else None,
             handshake_ms=round(handshake_seconds * 1000, 1),
         )
@@ -234,6 +236,7 @@ class HandshakeFlow:
             upstream_bytes=session.upstream.bytes,
             dropped=client_checker.dropped if client_checker else 0,
             subject=identity.subject if identity else None,
+            provider=identity.provider if identity else None,
             token=identity.fingerprint if identity else None,
         )
 

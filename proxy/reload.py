@@ -62,6 +62,7 @@ def enforce(sessions: Iterable[Session], policy: Policy) -> int:
             request_id=session.request_id,
             client_ip=session.client_ip,
             route=session.route.path,
+            provider=session.identity.provider if session.identity is not None else None,
             why=why,
         )
         session.close(POLICY_CHANGED)

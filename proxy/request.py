@@ -25,6 +25,8 @@ class HandshakeRequest:
     tls: bool
     #: Fingerprint of the token a guard refused, for the rejection's log line (never the token).
     token_fingerprint: str | None = None
+    #: The auth provider chosen for its token, for the rejection's log line (None before one was).
+    token_provider: str | None = None
 
     @classmethod
     def build(

@@ -47,6 +47,8 @@ class Selector:
     #: The route's path as the policy declares it (``/chat``, not the request's ``/chat/room/7``).
     route: str | None = None
     request_id: str | None = None
+    #: The auth provider that verified the session's token: subjects of two providers may be equal.
+    provider: str | None = None
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -102,6 +104,8 @@ class Selector:
         if self.subject is not None and (identity is None or identity.subject != self.subject):
             return False
         if self.token_id is not None and (identity is None or identity.token_id != self.token_id):
+            return False
+        if self.provider is not None and (identity is None or identity.provider != self.provider):
             return False
         if self.route is not None and session.route.path != self.route:
             return False

@@ -80,21 +80,27 @@ def _header_value(value: object) -> str:
     return cleaned.encode("utf-8").decode("latin-1")
 
 
-def upstream_query(request: HandshakeRequest, provider: AuthProvider | None) -> str:
-    """The client's query without the token parameter (a token never travels upstream in a URL)."""
-    if provider is None or "query" not in provider.token_sources or not request.query:
+def upstream_query(request: HandshakeRequest, providers: tuple[AuthProvider, ...]) -> str:
+    """The client's query without the token parameter of any of the route's providers (a token never
+    travels upstream in a URL, whichever provider took it)."""
+    names = {provider.query_parameter for provider in providers if "query" in provider.token_sources}
+    if not names or not request.query:
         return request.query
-    name = provider.query_parameter
     # Compared decoded, as find_token() reads it: ?access%5Ftoken=... is the same parameter.
-    return "&".join(part for part in request.query.split("&") if unquote_plus(part.partition("=")[0]) != name)
+    return "&".join(
+        part for part in request.query.split("&") if unquote_plus(part.partition("=")[0]) not in names
+    )
 
 
-def offered_subprotocols(request: HandshakeRequest, provider: AuthProvider | None) -> list[str]:
-    """The subprotocols the client offered, less a ``bearer.<token>`` entry carrying its token (split as
-    the token guard splits them)."""
+def offered_subprotocols(request: HandshakeRequest, providers: tuple[AuthProvider, ...]) -> list[str]:
+    """The subprotocols the client offered, less every ``bearer.<token>`` entry (each subprotocol
+    provider's prefix) carrying a token (split as the token guard splits them)."""
+    prefixes = tuple(
+        provider.subprotocol_prefix for provider in providers if "subprotocol" in provider.token_sources
+    )
     offered = subprotocol_list(request.headers)
-    if provider is not None and "subprotocol" in provider.token_sources:
-        offered = [entry for entry in offered if not entry.startswith(provider.subprotocol_prefix)]
+    if prefixes:
+        offered = [entry for entry in offered if not entry.startswith(prefixes)]
     return offered
 
 
@@ -105,12 +111,14 @@ def upstream_request_headers(
 
     The client's end-to-end headers pass, minus hop-by-hop ones and those its ``Connection`` header names,
     minus any it sent under a name the gateway sets (``X-Forwarded-*``, ``X-Request-Id``, the route's
-    ``forward_claims`` headers) so none can be spoofed, minus the token (``Authorization``, token cookie)
-    unless the route says ``forward_token``. Then the gateway's own are added.
+    ``forward_claims`` headers) so none can be spoofed, minus the token (``Authorization``, the token
+    cookie of each of the route's providers) unless the route says ``forward_token``. Then the gateway's
+    own are added.
     """
     route = admission.route
-    provider = admission.provider
-    strip_token = provider is not None and not route.forward_token
+    providers = admission.providers
+    strip_token = bool(providers) and not route.forward_token
+    token_cookies = {provider.cookie_name for provider in providers if "cookie" in provider.token_sources}
     named_hops = set(request.header_tokens("connection"))
     claim_headers = {header.lower() for _claim, header in route.forward_claims}
     headers: list[tuple[str, str]] = [
@@ -125,11 +133,12 @@ def upstream_request_headers(
     for name, value in request.headers:
         if name in _NOT_FORWARDED or name in _GATEWAY_SET or name in named_hops or name in claim_headers:
             continue
-        if strip_token and provider is not None:
+        if strip_token:
             if name == "authorization":
                 continue
-            if name == "cookie" and "cookie" in provider.token_sources:
-                value = without_cookie(value, provider.cookie_name)
+            if name == "cookie" and token_cookies:
+                for cookie_name in token_cookies:
+                    value = without_cookie(value, cookie_name)
                 if not value:
                     continue
         headers.append((name, value))
@@ -138,7 +147,7 @@ def upstream_request_headers(
     headers.append(("x-forwarded-proto", "https" if request.tls else "http"))
     if original_host:
         headers.append(("x-forwarded-host", original_host))
-    headers.append(("x-forwarded-uri", _target_without_token(request, provider)))
+    headers.append(("x-forwarded-uri", _target_without_token(request, providers)))
     headers.append(("x-request-id", request.request_id))
     identity = admission.identity
     if identity is not None:
@@ -148,8 +157,8 @@ def upstream_request_headers(
     return headers
 
 
-def _target_without_token(request: HandshakeRequest, provider: AuthProvider | None) -> str:
-    query = upstream_query(request, provider)
+def _target_without_token(request: HandshakeRequest, providers: tuple[AuthProvider, ...]) -> str:
+    query = upstream_query(request, providers)
     return f"{request.path}?{query}" if query else request.path
 
 
@@ -281,9 +290,9 @@ async def connect_upstream(request: HandshakeRequest, admission: Admission) -> U
     default_port = 443 if upstream.secure else 80
     host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
     host_header = host if upstream.port == default_port else f"{host}:{upstream.port}"
-    offered = offered_subprotocols(request, admission.provider)
+    offered = offered_subprotocols(request, admission.providers)
     headers = upstream_request_headers(request, admission, host_header, key, offered)
-    target = route.upstream_target(request.path, upstream_query(request, admission.provider))
+    target = route.upstream_target(request.path, upstream_query(request, admission.providers))
     timeout = route.limits.upstream_connect_timeout
     transport: asyncio.Transport | None = None
     try:

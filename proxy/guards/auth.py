@@ -7,6 +7,7 @@ live sessions again when the policy changes, and say what ``wsgate explain`` pri
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 import jwt
@@ -18,12 +19,15 @@ from proxy.guards.token import (
     check_revocation,
     check_token,
     claims_allowed,
-    find_token,
+    find_route_token,
     is_revoked,
+    provider_by_issuer,
     rejection_for,
+    unverified_issuer,
     validation,
 )
-from proxy.policy.model import Policy, Route
+from proxy.policy.model import AuthProvider, Policy, Route
+from proxy.request import HandshakeRequest
 
 
 class TokenGuard(OfflineGuard):
@@ -33,23 +37,28 @@ class TokenGuard(OfflineGuard):
         return await check_token(context)
 
     def rejudge(self, session: LiveSession, route: Route, policy: Policy) -> str | None:
-        """ "auth" when the route now needs another provider's token (or one at all), "claims" when the
-        token's claims no longer satisfy the provider's required claims."""
-        if route.auth is None:
+        """ "auth" when the session's provider is no longer one of the route's (or the route now needs a
+        token at all), or its token's iss or aud no longer satisfies the provider; "claims" when its
+        claims no longer satisfy the provider's required claims. The signature is not judged again: the
+        token itself is not kept, and its expiry has a timer of its own."""
+        if not route.auth:
             return None
         identity = session.identity
-        if identity is None or identity.provider != route.auth:
+        if identity is None or identity.provider not in route.auth:
             return "auth"
-        if claims_allowed(identity.claims, policy.provider(route.auth).required_claims) is not None:
+        provider = policy.provider(identity.provider)
+        if not issuer_and_audience_hold(identity.claims, provider):
+            return "auth"
+        if claims_allowed(identity.claims, provider.required_claims) is not None:
             return "claims"
         return None
 
     async def explain(self, context: HandshakeContext, given: ExplainInput) -> Explained:
         route = context.route
-        if given.claims is None and route.auth is not None:
-            provider = context.policy.provider(route.auth)
-            unverifiable = provider.secret is None and provider.secret_env is not None
-            if unverifiable and find_token(context.request, provider) is not None:
+        providers = context.policy.route_providers(route)
+        if given.claims is None and providers:
+            provider = _verifying_provider(context.request, providers)
+            if provider is not None and provider.secret is None and provider.secret_env is not None:
                 return Explained(
                     "not evaluated",
                     f"the secret in {provider.secret_env} is not set here: set it to verify the "
@@ -57,15 +66,58 @@ class TokenGuard(OfflineGuard):
                     undecided=True,
                 )
         if given.claims is None:
-            return await super().explain(context, given)
-        verdict = judge_claims(context, given.claims)
-        return Explained.of(verdict, self.passed(context) if verdict is None else "", "token (claims given)")
+            explained = await super().explain(context, given)
+        else:
+            verdict = judge_claims(context, given.claims)
+            passed = self.passed(context) if verdict is None else ""
+            explained = Explained.of(verdict, passed, "token (claims given)")
+        if explained.rejection is not None and len(providers) > 1 and context.token_provider is None:
+            # Why none of the route's providers took the token: what each would have needed.
+            wanted = "; ".join(f"{provider.name}: {_issuer_text(provider)}" for provider in providers)
+            return replace(explained, detail=f"{explained.detail} (providers {wanted})")
+        return explained
 
     def passed(self, context: HandshakeContext) -> str:
-        if context.route.auth is None:
+        if not context.route.auth:
             return "open route (auth: none)"
         identity = context.identity
-        return "" if identity is None else f"subject {identity.subject!r} via {identity.source}"
+        if identity is None:
+            return ""
+        return f"subject {identity.subject!r} via {identity.source}, provider {identity.provider!r}"
+
+
+def _verifying_provider(
+    request: HandshakeRequest, providers: tuple[AuthProvider, ...]
+) -> AuthProvider | None:
+    """The provider that would verify the request's token, chosen by its iss as the check chooses (None
+    without a token, or with two: the check says why)."""
+    try:
+        found = find_route_token(request, providers)
+    except Rejection:
+        return None
+    if found is None:
+        return None
+    return providers[0] if len(providers) == 1 else provider_by_issuer(unverified_issuer(found[0]), providers)
+
+
+def _issuer_text(provider: AuthProvider) -> str:
+    if provider.issuer is None:
+        return "any other iss"
+    keyed = ", by kid from its JWKS" if provider.jwks_url is not None else ""
+    return f"iss {provider.issuer!r}{keyed}"
+
+
+def issuer_and_audience_hold(claims: dict[str, Any], provider: AuthProvider) -> bool:
+    """Whether claims a provider once verified still satisfy its ``issuer`` and ``audiences`` (as PyJWT
+    checks them: ``aud`` a string or a list holding one of the audiences)."""
+    if provider.issuer is not None and claims.get("iss") != provider.issuer:
+        return False
+    if provider.audiences:
+        audience = claims.get("aud")
+        held = [audience] if isinstance(audience, str) else audience if isinstance(audience, list) else []
+        if not any(item in provider.audiences for item in held):
+            return False
+    return True
 
 
 class RevocationGuard(OfflineGuard):
@@ -76,7 +128,7 @@ class RevocationGuard(OfflineGuard):
 
     def rejudge(self, session: LiveSession, route: Route, policy: Policy) -> str | None:
         identity = session.identity
-        return "revoked" if identity is not None and is_revoked(identity, policy.revoked) else None
+        return "revoked" if identity is not None and is_revoked(identity, policy) else None
 
     def passed(self, context: HandshakeContext) -> str:
         return ""
@@ -86,10 +138,13 @@ def judge_claims(context: HandshakeContext, claims: dict[str, Any]) -> Rejection
     """The token step for claims given instead of a token: PyJWT's own claim checks (exp, nbf, iat, iss,
     aud, required claims, leeway) on the claims as if a valid signature carried them, then the route's
     claim rules. On a pass the context holds the identity the claims describe."""
-    route = context.route
-    if route.auth is None:
+    providers = context.policy.route_providers(context.route)
+    if not providers:
         return None
-    provider = context.policy.provider(route.auth)
+    provider = provider_by_issuer(claims.get("iss"), providers)
+    if provider is None:
+        return Rejection(401, "auth_invalid", "token issuer matches no provider of this route")
+    context.token_provider = provider.name
     key = os.urandom(32)
     try:
         token = jwt.encode(claims, key, algorithm="HS256")

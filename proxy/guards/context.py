@@ -46,6 +46,8 @@ class HandshakeContext:
     identity: Identity | None = None
     #: Fingerprint of a token that was refused, for the rejection's log line.
     token_fingerprint: str | None = None
+    #: The provider chosen for the token (on a route with several, by its iss or kid), for log lines.
+    token_provider: str | None = None
 
     def __post_init__(self) -> None:
         try:

@@ -51,6 +51,27 @@ class JwksKeys:
 
     async def candidates(self, kid: str | None, algorithm: str) -> list[jwt.PyJWK]:
         """Keys that may verify a token with this ``kid`` and ``alg`` header, refetching as promised."""
+        await self._current()
+        found = self._select(kid, algorithm)
+        if not found and kid is not None and time.monotonic() - self._attempted_at >= self.min_refresh:
+            await self.refresh()
+            found = self._select(kid, algorithm)
+        return found
+
+    async def holds(self, kid: str) -> bool:
+        """Whether the set has a key with this ``kid``: how a route picks one of several providers of
+        one issuer. An unknown kid refetches the set as :meth:`candidates` does (at most once per
+        ``jwks_min_refresh``), so a key published since the last fetch is found."""
+        await self._current()
+        if not self._has(kid) and time.monotonic() - self._attempted_at >= self.min_refresh:
+            await self.refresh()
+        return self._has(kid)
+
+    def _has(self, kid: str) -> bool:
+        return any(key.get("kid") == kid for key in self._keys)
+
+    async def _current(self) -> None:
+        """Wait for a fetch under way, or fetch when the set is older than its TTL."""
         if self._inflight is not None:
             # A fetch is under way (first fetch, TTL or unknown kid): wait for its keys rather than
             # judging the token by the set it is replacing.
@@ -58,11 +79,6 @@ class JwksKeys:
         now = time.monotonic()
         if now - self._fetched_at > self.ttl and now - self._attempted_at >= min(self.min_refresh, self.ttl):
             await self.refresh()
-        found = self._select(kid, algorithm)
-        if not found and kid is not None and time.monotonic() - self._attempted_at >= self.min_refresh:
-            await self.refresh()
-            found = self._select(kid, algorithm)
-        return found
 
     def _select(self, kid: str | None, algorithm: str) -> list[jwt.PyJWK]:
         selected = []

@@ -35,8 +35,9 @@ def checked(guards: tuple[Guard, ...]) -> tuple[Guard, ...]:
 
 #: Status and reason each guard refuses with, in order: upgrade 400/426 ``bad_request``; firewall 403
 #: ``firewall``; origin 403 ``origin``; handshakes per IP 429 ``rate_limited`` + Retry-After; connections
-#: per IP 429 ``conn_limit``; token 401 ``auth_missing``/``auth_invalid``/``auth_expired``, 403 ``claims``;
-#: revocation 401 ``revoked``; connections per subject 429 ``conn_limit``.
+#: per IP 429 ``conn_limit``; token 401 ``auth_missing``/``auth_invalid``/``auth_expired``, 403 ``claims``
+#: (400 ``bad_request`` for two different tokens on a route of several providers); revocation 401
+#: ``revoked``; connections per subject 429 ``conn_limit``.
 GUARDS: tuple[Guard, ...] = checked(
     (
         UpgradeGuard(),

@@ -6,6 +6,11 @@ touched; the key comes only from the policy (secret, PEM file, or the provider's
 oversized token is refused unparsed; a verified token is cached by its SHA-256 until its ``exp`` so a
 reconnect storm does not verify RSA signatures again. The raw token is never logged: only
 :func:`fingerprint`.
+
+A route may name several providers. Each looks for the token in its own places; they must agree on one
+token (two different ones are a 400). The provider is then *chosen*, never tried in turn: by the token's
+``iss`` (read unverified, only to choose), and among JWKS providers of one issuer by the ``kid`` their key
+sets hold; the chosen provider verifies the token fully, as if it were the route's only one.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from proxy.errors import Rejection
 from proxy.guards.context import HandshakeContext, Identity
 from proxy.guards.jwks import JwksKeys
 from proxy.headers import cookie_value, subprotocol_list
-from proxy.policy.model import AuthProvider, ClaimRule, Revocation
+from proxy.policy.model import AuthProvider, ClaimRule, Policy
 from proxy.request import HandshakeRequest
 
 _CHALLENGE = 'Bearer realm="wsgate"'
@@ -33,6 +38,11 @@ def fingerprint(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:12]
 
 
+def token_digest(token: str) -> bytes:
+    """The key of a verified-token cache: the token's SHA-256."""
+    return hashlib.sha256(token.encode("utf-8", "replace")).digest()
+
+
 def _unauthorized(reason: str, detail: str, error: str = "invalid_token") -> Rejection:
     return Rejection(401, reason, detail, (("WWW-Authenticate", f'{_CHALLENGE}, error="{error}"'),))
 
@@ -40,31 +50,62 @@ def _unauthorized(reason: str, detail: str, error: str = "invalid_token") -> Rej
 def find_token(request: HandshakeRequest, provider: AuthProvider) -> tuple[str, str] | None:
     """The first token found in the provider's ``token_sources`` order, with the source's name."""
     for source in provider.token_sources:
-        token: str | None = None
-        if source == "header":
-            value = request.header("authorization")
-            if value is not None:
-                scheme, _, credentials = value.strip().partition(" ")
-                if scheme.lower() == "bearer" and credentials.strip():
-                    token = credentials.strip()
-        elif source == "query":
-            for name, value in parse_qsl(request.query, keep_blank_values=False):
-                if name == provider.query_parameter:
-                    token = value
-                    break
-        elif source == "cookie":
-            # The upstream request drops this cookie by the same split (headers.without_cookie).
-            token = cookie_value(request.headers, provider.cookie_name)
-        elif source == "subprotocol":
-            # The upstream is offered the same list without every entry with the prefix.
-            prefix = provider.subprotocol_prefix
-            entry = next(
-                (entry for entry in subprotocol_list(request.headers) if entry.startswith(prefix)), ""
-            )
-            token = entry[len(prefix) :]
+        token = token_at(request, provider, source)
         if token:
             return token, source
     return None
+
+
+def token_at(request: HandshakeRequest, provider: AuthProvider, source: str) -> str | None:
+    """The token in one of the provider's places (``source``); None or "" when that place holds none."""
+    if source == "header":
+        value = request.header("authorization")
+        if value is not None:
+            scheme, _, credentials = value.strip().partition(" ")
+            if scheme.lower() == "bearer" and credentials.strip():
+                return credentials.strip()
+        return None
+    if source == "query":
+        for name, value in parse_qsl(request.query, keep_blank_values=False):
+            if name == provider.query_parameter:
+                return value
+        return None
+    if source == "cookie":
+        # The upstream request drops this cookie by the same split (headers.without_cookie).
+        return cookie_value(request.headers, provider.cookie_name)
+    # subprotocol: the upstream is offered the same list without every entry with the prefix.
+    prefix = provider.subprotocol_prefix
+    entry = next((entry for entry in subprotocol_list(request.headers) if entry.startswith(prefix)), "")
+    return entry[len(prefix) :]
+
+
+def find_route_token(
+    request: HandshakeRequest, providers: tuple[AuthProvider, ...]
+) -> tuple[str, dict[str, str]] | None:
+    """The one token of a route's providers, and where each provider that found it did (name ->
+    source); None when no provider finds one. Each provider finds its token as :func:`find_token` does.
+
+    Raises:
+        Rejection: 400 ``bad_request`` when two providers find different tokens: the gateway does not
+            guess which one the client meant.
+    """
+    token: str | None = None
+    found_by: dict[str, str] = {}
+    for provider in providers:
+        found = find_token(request, provider)
+        if found is None:
+            continue
+        if token is not None and found[0] != token:
+            first = next(iter(found_by.values()))
+            raise Rejection(
+                400,
+                "bad_request",
+                f"two different tokens ({first} and {found[1]}): send one",
+                (("WWW-Authenticate", f'{_CHALLENGE}, error="invalid_request"'),),
+            )
+        token = found[0]
+        found_by[provider.name] = found[1]
+    return None if token is None else (token, found_by)
 
 
 def claims_allowed(claims: dict[str, Any], rules: tuple[ClaimRule, ...]) -> ClaimRule | None:
@@ -101,7 +142,7 @@ class TokenVerifier:
         provider = self.provider
         if len(token) > provider.max_token_bytes:
             raise _unauthorized("auth_invalid", f"token larger than {provider.max_token_bytes} bytes")
-        digest = hashlib.sha256(token.encode("utf-8", "replace")).digest()
+        digest = token_digest(token)
         cached = self._cache.get(digest)
         if cached is not None:
             if cached.expires_at is None or cached.expires_at > time.time():
@@ -118,6 +159,11 @@ class TokenVerifier:
         if len(self._cache) > self.CACHE_SIZE:
             self._cache.popitem(last=False)
         return identity
+
+    def verified_claims(self, token: str) -> dict[str, Any] | None:
+        """The claims of ``token`` if this provider verified it and still holds it in its cache."""
+        cached = self._cache.get(token_digest(token))
+        return cached.claims if cached is not None else None
 
     async def _decode(self, token: str) -> dict[str, Any]:
         provider = self.provider
@@ -203,18 +249,81 @@ def rejection_for(error: jwt.PyJWTError | None) -> Rejection:
     return _unauthorized("auth_invalid", "malformed token")
 
 
+async def choose_verifier(token: str, verifiers: list[TokenVerifier]) -> TokenVerifier:
+    """The verifier of the provider whose token this is, among a route's (in its list's order).
+
+    One provider: that one. Several: the token's ``iss``, read from the unverified payload only to
+    choose, picks the provider of that issuer (or the route's one provider without an issuer, which
+    takes the tokens no other issuer claims); among JWKS providers sharing the issuer, the first whose
+    key set holds the token's ``kid``. Whatever is chosen then verifies the whole token itself.
+
+    Raises:
+        Rejection: 401 ``auth_invalid`` when no provider is the token's (its detail never holds the
+            token, nor what the client wrote in it).
+    """
+    if len(verifiers) == 1:
+        return verifiers[0]
+    for verifier in verifiers:
+        # A token a provider verified before (on this route or another) carries a known iss: when that iss
+        # alone chooses this provider here, the unverified decoding below is spared (a reconnect storm).
+        verified = verifier.verified_claims(token)
+        if verified is not None and _by_issuer(verified.get("iss"), verifiers) == [verifier]:
+            return verifier
+    largest = max(verifier.provider.max_token_bytes for verifier in verifiers)
+    if len(token) > largest:
+        raise _unauthorized("auth_invalid", f"token larger than {largest} bytes")
+    try:
+        header = jwt.get_unverified_header(token)
+        payload = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        raise _unauthorized("auth_invalid", "malformed token") from None
+    chosen = _by_issuer(payload.get("iss"), verifiers)
+    if not chosen:
+        raise _unauthorized("auth_invalid", "token issuer matches no provider of this route")
+    if len(chosen) == 1:
+        return chosen[0]
+    # Several JWKS providers of one issuer (the loader allows no other kind to share one): the kid.
+    kid = header.get("kid")
+    if not isinstance(kid, str):
+        raise _unauthorized("auth_invalid", "token has no kid to pick one of its issuer's providers")
+    for verifier in chosen:
+        assert verifier.jwks is not None
+        if await verifier.jwks.holds(kid):
+            return verifier
+    raise _unauthorized("auth_invalid", "no key for this token (unknown kid)")
+
+
+def _by_issuer(issuer: object, verifiers: list[TokenVerifier]) -> list[TokenVerifier]:
+    """The verifiers an ``iss`` leaves to choose from: those of that issuer, else the one without."""
+    chosen = [verifier for verifier in verifiers if verifier.provider.issuer == issuer]
+    return chosen or [verifier for verifier in verifiers if verifier.provider.issuer is None]
+
+
 async def check_token(context: HandshakeContext) -> Rejection | None:
-    """The token guard: pass on an open route; else find, verify and record the client's identity."""
-    if context.route.auth is None:
+    """The token guard: pass on an open route; else find the token, choose its provider, verify it, and
+    record the client's identity (and, for a refusal, the token's fingerprint and provider)."""
+    route = context.route
+    if not route.auth:
         return None
-    verifier: TokenVerifier = context.verifiers[context.route.auth]
-    found = find_token(context.request, verifier.provider)
+    verifiers = [context.verifiers[name] for name in route.auth]
+    try:
+        found = find_route_token(context.request, tuple(verifier.provider for verifier in verifiers))
+    except Rejection as rejection:
+        return rejection
     if found is None:
         return Rejection(
             401, "auth_missing", "a bearer token is required", (("WWW-Authenticate", _CHALLENGE),)
         )
-    token, source = found
+    token, found_by = found
     try:
+        verifier = await choose_verifier(token, verifiers)
+        context.token_provider = verifier.provider.name
+        source = found_by.get(verifier.provider.name)
+        if source is None:
+            where = next(iter(found_by.values()))
+            raise _unauthorized(
+                "auth_invalid", f"token sent in the {where}, where its provider does not look"
+            )
         context.identity = await verifier.verify(token, source)
     except Rejection as rejection:
         context.token_fingerprint = fingerprint(token)
@@ -222,17 +331,40 @@ async def check_token(context: HandshakeContext) -> Rejection | None:
     return None
 
 
-def is_revoked(identity: Identity, revoked: Revocation) -> bool:
-    """Whether the policy lists the token's subject or id. Used at the handshake and again for live
+def is_revoked(identity: Identity, policy: Policy) -> bool:
+    """Whether the policy lists the token's subject or id, policy-wide or under the token's provider (a
+    provider's list leaves other providers' tokens alone). Used at the handshake and again for live
     sessions on reload."""
-    return (identity.subject is not None and identity.subject in revoked.subjects) or (
-        identity.token_id is not None and identity.token_id in revoked.token_ids
+    lists = [policy.revoked]
+    lists += [provider.revoked for provider in policy.auth if provider.name == identity.provider]
+    return any(
+        (identity.subject is not None and identity.subject in revoked.subjects)
+        or (identity.token_id is not None and identity.token_id in revoked.token_ids)
+        for revoked in lists
     )
 
 
 def check_revocation(context: HandshakeContext) -> Rejection | None:
-    """401 ``revoked`` for a token whose subject or id the policy lists."""
+    """401 ``revoked`` for a token whose subject or id the policy (or its provider) lists."""
     identity = context.identity
-    if identity is not None and is_revoked(identity, context.policy.revoked):
+    if identity is not None and is_revoked(identity, context.policy):
         return _unauthorized("revoked", "token revoked")
     return None
+
+
+def provider_by_issuer(issuer: object, providers: tuple[AuthProvider, ...]) -> AuthProvider | None:
+    """The provider an ``iss`` picks among a route's, as :func:`choose_verifier` picks it before any kid
+    is looked at: the first of that issuer, else the one without an issuer, else None."""
+    for provider in providers:
+        if provider.issuer is not None and provider.issuer == issuer:
+            return provider
+    return next((provider for provider in providers if provider.issuer is None), None)
+
+
+def unverified_issuer(token: str) -> object:
+    """The ``iss`` of a token's payload, unverified (None when it has none or does not parse): only for
+    choosing where ``wsgate explain`` puts a token and which provider it names."""
+    try:
+        return jwt.decode(token, options={"verify_signature": False}).get("iss")
+    except jwt.PyJWTError:
+        return None

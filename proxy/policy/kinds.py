@@ -205,9 +205,23 @@ def read_route_path(source: Source, node: yaml.Node, path: str) -> str:
     return route_path
 
 
-def read_auth_name(source: Source, node: yaml.Node, path: str) -> str | None:
-    name = read_str(source, node, path)
-    return None if name == "none" else name
+def read_auth_names(source: Source, node: yaml.Node, path: str) -> tuple[str, ...]:
+    """``none`` (an open route: no names), one provider name, or a list of distinct names without
+    ``none``. Whether the names exist, and can be told apart, is the loader's to check."""
+    if isinstance(node, yaml.ScalarNode):
+        name = read_str(source, node, path)
+        return () if name == "none" else (name,)
+    names: list[str] = []
+    for item, item_path in items(source, node, path):
+        name = read_str(source, item, item_path)
+        if name == "none":
+            source.fail(item, item_path, "'none' cannot be one of several providers: write 'auth: none'")
+        if name in names:
+            source.fail(item, item_path, f"provider {name!r} is listed twice")
+        names.append(name)
+    if not names:
+        source.fail(node, path, "name at least one provider, or write 'auth: none' for an open route")
+    return tuple(names)
 
 
 def read_tls_version(source: Source, node: yaml.Node, path: str) -> str:
@@ -405,8 +419,11 @@ REDIS_URL = Kind(
 )
 HTTP_URL = Kind("http(s):// URL", read_http_url, {"type": "string", "pattern": "^https?://"})
 ROUTE_PATH = Kind("path", read_route_path, {"type": "string", "pattern": "^/[^?# \t]*$"})
-AUTH_NAME = Kind(
-    "provider name or none", read_auth_name, _STRING, show=lambda value: "none" if value is None else value
+AUTH_NAMES = Kind(
+    "provider name, list of names, or none",
+    read_auth_names,
+    {"anyOf": [_STRING, {"type": "array", "items": _STRING, "minItems": 1, "uniqueItems": True}]},
+    show=lambda value: ", ".join(value) if value else "none",
 )
 TLS_VERSION = Kind('"1.2" / "1.3"', read_tls_version, {"enum": ["1.2", "1.3", 1.2, 1.3]})
 ALGORITHM_LIST = Kind(

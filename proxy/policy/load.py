@@ -213,10 +213,7 @@ def _route(
     values, section = read_keys(
         source, node, path, Route, skip=frozenset({"limits", "client_rules", "upstream_rules"})
     )
-    auth = values["auth"]
-    if auth is not None and auth not in providers:
-        defined = ", ".join(sorted(providers)) or "none defined"
-        section.fail("auth", f"unknown auth provider {auth!r} ({defined})")
+    _check_route_auth(section, values["auth"], providers)
     tls: UpstreamTls | None = values.get("upstream_tls")
     if tls is not None:
         if not values["upstream"].secure:
@@ -254,6 +251,44 @@ def _route(
         upstream_rules=upstream_rules,
         message_rate=rate,
     )
+
+
+def _check_route_auth(section: Section, names: tuple[str, ...], providers: dict[str, AuthProvider]) -> None:
+    """Every provider a route names exists and, when it names several, a token can be told which one
+    is its own without trying them in turn: by ``iss`` (at most one provider without an issuer, which
+    takes the tokens whose ``iss`` no other holds), and by ``kid`` among providers of one issuer, which
+    must all read their keys from a JWKS document."""
+    node = section.node_of("auth")
+    for index, name in enumerate(names):
+        if name not in providers:
+            defined = ", ".join(sorted(providers)) or "none defined"
+            item = node.value[index] if isinstance(node, yaml.SequenceNode) else node
+            path = section.child("auth") + (f"[{index}]" if isinstance(node, yaml.SequenceNode) else "")
+            section.source.fail(item, path, f"unknown auth provider {name!r} ({defined})")
+    if len(names) < 2:
+        return
+    by_issuer: dict[str | None, list[AuthProvider]] = {}
+    for name in names:
+        by_issuer.setdefault(providers[name].issuer, []).append(providers[name])
+    without = by_issuer.get(None, [])
+    if len(without) > 1:
+        both = " and ".join(repr(provider.name) for provider in without[:2])
+        section.fail(
+            "auth",
+            f"providers {both} have no issuer, so their tokens cannot be told apart: set auth.NAME.issuer "
+            "on each (one provider of a route may go without)",
+        )
+    for issuer, sharing in by_issuer.items():
+        if issuer is None or len(sharing) < 2:
+            continue
+        keyless = next((provider for provider in sharing if provider.jwks_url is None), None)
+        if keyless is not None:
+            both = " and ".join(repr(provider.name) for provider in sharing[:2])
+            section.fail(
+                "auth",
+                f"providers {both} share the issuer {issuer!r}, and {keyless.name!r} has no jwks_url to "
+                "pick it by a token's kid: give them different issuers, or each a jwks_url",
+            )
 
 
 def _provider(source: Source, node: yaml.Node, path: str, name: str | None) -> AuthProvider:

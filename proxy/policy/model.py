@@ -400,10 +400,12 @@ class Route:
     """One path the gateway serves and the upstream behind it."""
 
     path: str = key(kind=kinds.ROUTE_PATH, help="the request path served", scopes=ROUTE, required=True)
-    #: Name of the auth provider, or None for ``auth: none`` (open route).
-    auth: str | None = key(
-        kind=kinds.AUTH_NAME,
-        help="the auth provider checking tokens, or none for an open route",
+    #: Names of the auth providers, in the order the policy lists them; empty for ``auth: none`` (open
+    #: route). With several, a token's ``iss`` (then its ``kid``) chooses the one that verifies it.
+    auth: tuple[str, ...] = key(
+        kind=kinds.AUTH_NAMES,
+        help="the auth provider checking tokens, a list of them (a token's iss, then kid, picks one), "
+        "or none for an open route",
         scopes=ROUTE,
         required=True,
         hint=" (use 'auth: none' for an open route)",
@@ -540,6 +542,25 @@ class LogSettings:
     )
 
 
+_REVOCATION_SCOPES = frozenset({Scope.POLICY, Scope.PROVIDER})
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """Token subjects and ids refused at the handshake, and closed (1008) on reload when live.
+
+    The policy-wide list holds for the tokens of every provider; a provider's own (``auth.NAME.revoked``)
+    only for its tokens, so an id revoked on one issuer leaves another issuer's token of the same id alone.
+    """
+
+    subjects: frozenset[str] = key(
+        frozenset(), kind=kinds.STRING_SET, help="token subjects (sub) refused", scopes=_REVOCATION_SCOPES
+    )
+    token_ids: frozenset[str] = key(
+        frozenset(), kind=kinds.STRING_SET, help="token ids (jti) refused", scopes=_REVOCATION_SCOPES
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class AuthProvider:
     """How one token issuer is checked. Exactly one key source is set: ``secret``, ``public_key`` or
@@ -616,17 +637,11 @@ class AuthProvider:
     max_token_bytes: int = key(
         8 * 1024, kind=kinds.SIZE, help="a larger token is refused unparsed", scopes=PROVIDER
     )
-
-
-@dataclass(frozen=True, slots=True)
-class Revocation:
-    """Token subjects and ids refused at the handshake, and closed (1008) on reload when live."""
-
-    subjects: frozenset[str] = key(
-        frozenset(), kind=kinds.STRING_SET, help="token subjects (sub) refused", scopes=POLICY
-    )
-    token_ids: frozenset[str] = key(
-        frozenset(), kind=kinds.STRING_SET, help="token ids (jti) refused", scopes=POLICY
+    revoked: Revocation = key(
+        kind=kinds.section(Revocation),
+        help="this provider's tokens refused (besides the policy-wide revoked)",
+        scopes=PROVIDER,
+        default_factory=lambda: Revocation(),
     )
 
 
@@ -779,6 +794,10 @@ class Policy:
             if provider.name == name:
                 return provider
         raise KeyError(name)
+
+    def route_providers(self, route: Route) -> tuple[AuthProvider, ...]:
+        """The providers of ``route``, in its list's order (empty for an open route)."""
+        return tuple(self.provider(name) for name in route.auth)
 
     def match_route(self, request_path: str) -> Route | None:
         """The route for a request path: an exact route first, then the longest matching prefix."""

@@ -236,7 +236,7 @@ async def test_close_by_subject_closes_both_sides_with_1008_and_leaves_others(
         (b"", 400, "the body must be a JSON object"),
         (b"[" * 15000, 400, "the body must be a JSON object"),
         ([{"subject": "alice"}], 400, "the body must be a JSON object, not an array"),
-        ({}, 400, "name at least one of subject, token_id, client_ip, route, request_id"),
+        ({}, 400, "name at least one of subject, token_id, client_ip, route, request_id, provider"),
         ({"reason": "bye"}, 400, "name at least one of"),
         ({"subject": "alice", "user": "x"}, 400, "unknown field 'user'"),
         ({"subject": 7}, 400, "subject must be a string, not a number"),

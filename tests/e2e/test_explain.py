@@ -140,7 +140,9 @@ def test_claims_instead_of_a_token(policy):
         policy, "--ip", "198.51.100.7", "--origin", "https://app.test", "--claims", claims, "/chat"
     )
     assert result.returncode == 0, result.stdout
-    assert verdicts(result.stdout)["token (claims given)"] == "pass: subject 'bob' via claims"
+    assert (
+        verdicts(result.stdout)["token (claims given)"] == "pass: subject 'bob' via claims, provider 'main'"
+    )
     claims = json.dumps({"sub": "bob", "iss": "https://id.test/", "scope": "read", "exp": 9999999999})
     result = explain(
         policy, "--ip", "198.51.100.7", "--origin", "https://app.test", "--claims", claims, "/chat"

@@ -179,3 +179,36 @@ def test_reload_asks_every_guard_that_rejudges_in_registry_order(policy: Policy)
 )
 def test_why_the_policy_refuses_a_live_session(policy: Policy, session: Live, why: str | None) -> None:
     assert refusal_for(session, policy) == why
+
+
+def test_a_route_of_several_providers_judges_each_session_by_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WSGATE_REGISTRY_SECRET", SECRET)
+    policy = parse_policy(
+        """\
+version: 1
+listen: {address: "127.0.0.1:0"}
+auth:
+  staff:
+    {algorithms: [HS256], issuer: https://staff.test, audiences: [app], secret_env: WSGATE_REGISTRY_SECRET}
+  partners:
+    algorithms: [HS256]
+    issuer: https://partners.test
+    secret_env: WSGATE_REGISTRY_SECRET
+    revoked: {token_ids: [t1]}
+  former: {algorithms: [HS256], issuer: https://former.test, secret_env: WSGATE_REGISTRY_SECRET}
+routes:
+  - {path: /chat, upstream: "ws://chat.internal:8000/", auth: [staff, partners]}
+"""
+    )
+
+    def session(provider: str, token_id: str = "t1", **claims: object) -> Live:
+        issuer = {"staff": "https://staff.test", "partners": "https://partners.test"}.get(provider)
+        given = {"iss": issuer, "aud": "app", **claims}
+        return Live(identity=Identity(provider, "42", token_id, None, "fingerprint", "header", given))
+
+    assert refusal_for(session("staff"), policy) is None  # t1 is revoked on partners only
+    assert refusal_for(session("partners"), policy) == "revoked"
+    assert refusal_for(session("partners", "t2"), policy) is None
+    assert refusal_for(session("former", "t2"), policy) == "auth"  # not one of the route's providers
+    assert refusal_for(session("staff", aud="other"), policy) == "auth"  # staff wants aud app
+    assert refusal_for(session("staff", iss="https://partners.test"), policy) == "auth"

@@ -116,8 +116,8 @@ def _request(headers: list[tuple[str, str]]) -> HandshakeRequest:
 
 def _admission(provider: AuthProvider) -> Admission:
     upstream = Upstream(url="ws://127.0.0.1:9/", secure=False, host="127.0.0.1", port=9, path="", query="")
-    route = Route(path="/chat", match="prefix", upstream=upstream, auth=provider.name, limits=Limits())
-    return Admission(route=route, client_ip="192.0.2.1", forwarded_for="192.0.2.1", provider=provider)
+    route = Route(path="/chat", match="prefix", upstream=upstream, auth=(provider.name,), limits=Limits())
+    return Admission(route=route, client_ip="192.0.2.1", forwarded_for="192.0.2.1", providers=(provider,))
 
 
 _SUBPROTOCOL_TEXT = st.lists(
@@ -144,7 +144,7 @@ def test_a_token_the_guard_finds_never_reaches_the_upstream(
         headers += [("sec-websocket-protocol", value) for value in subprotocols]
         request = _request(headers)
         found = find_token(request, provider)
-        offered = offered_subprotocols(request, provider)
+        offered = offered_subprotocols(request, (provider,))
         sent = upstream_request_headers(request, _admission(provider), "127.0.0.1:9", "key", offered)
         if found is None:
             continue

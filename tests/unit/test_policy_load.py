@@ -273,3 +273,28 @@ def test_listening_on_the_default_admin_address_is_refused_at_the_listen_line() 
     assert str(raised.value) == (
         "<policy>:2: listen.address: must differ from admin.address (127.0.0.1:9090 by default)"
     )
+
+
+def test_a_route_names_one_provider_a_list_of_them_or_none() -> None:
+    policy = parse_policy(
+        """
+version: 1
+auth:
+  staff: {algorithms: [RS256], issuer: https://id.example.com, jwks_url: https://id.example.com/staff}
+  contractors: {algorithms: [RS256], issuer: https://id.example.com, jwks_url: https://id.example.com/c}
+  partners: {algorithms: [RS256], jwks_url: https://partners.example.com/jwks, revoked: {token_ids: [t1]}}
+routes:
+  - {path: /one, upstream: 'ws://x/', auth: staff}
+  - {path: /many, upstream: 'ws://x/', auth: [partners, staff, contractors]}
+  - {path: /open, upstream: 'ws://x/', auth: none}
+"""
+    )
+    assert [route.auth for route in policy.routes] == [("staff",), ("partners", "staff", "contractors"), ()]
+    assert [provider.name for provider in policy.route_providers(policy.routes[1])] == [
+        "partners",
+        "staff",
+        "contractors",
+    ]
+    # a provider's own revocation list, and none by default
+    assert policy.provider("partners").revoked.token_ids == frozenset({"t1"})
+    assert policy.provider("staff").revoked.token_ids == frozenset()
