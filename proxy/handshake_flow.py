@@ -33,7 +33,7 @@ from proxy.listener import HandshakeProtocol, http_response
 from proxy.metrics import NO_ROUTE, Metrics
 from proxy.relay import start_relay
 from proxy.reload import enforce
-from proxy.request import HandshakeRequest
+from proxy.request import ClientCertificate, HandshakeRequest
 from proxy.sessions import Session, SessionRegistry
 from proxy.upstream import UpstreamConnection, connect_upstream
 
@@ -93,7 +93,8 @@ class HandshakeFlow:
         started: float | None = None,
     ) -> None:
         """Answer ``rejection`` (also for requests refused before they were parsed), logged and counted."""
-        route = self._pipeline().policy.match_route(request.path) if request is not None else None
+        policy = self._pipeline().policy
+        route = policy.match_route(request.path, request.host) if request is not None else None
         self._metrics.rejected(
             route.path if route is not None else NO_ROUTE,
             rejection.reason,
@@ -107,6 +108,7 @@ class HandshakeFlow:
             route=route.path if route is not None else None,
             path=request.path if request else None,
             token=request.token_fingerprint if request else None,
+            client_subject=_subject(connection.client_certificate),
             status=rejection.status,
             reason=rejection.reason,
             detail=rejection.detail,
@@ -170,6 +172,8 @@ class HandshakeFlow:
             slots=slots if slots.held else None,  # most sessions hold none: keep no object for them
             request_path=request.path,
             origin=request.header("origin"),
+            host=request.host,
+            client_certificate=request.client_certificate,
         )
         self._sessions.add(session)
         try:
@@ -201,6 +205,7 @@ class HandshakeFlow:
             subprotocol=upstream.subprotocol,
             subject=identity.subject if identity else None,
             token=identity.fingerprint if identity else None,
+            client_subject=_subject(request.client_certificate),
             handshake_ms=round(handshake_seconds * 1000, 1),
         )
         start_relay(
@@ -235,7 +240,12 @@ class HandshakeFlow:
             dropped=client_checker.dropped if client_checker else 0,
             subject=identity.subject if identity else None,
             token=identity.fingerprint if identity else None,
+            client_subject=_subject(session.client_certificate),
         )
+
+
+def _subject(certificate: ClientCertificate | None) -> str | None:
+    return certificate.subject if certificate is not None else None
 
 
 def _switching_protocols(request: HandshakeRequest, upstream: UpstreamConnection) -> bytes:
