@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import cast
 
+from proxy import logs
 from proxy.clientip import normalize_ip, peer_ip
 from proxy.errors import Rejection
 from proxy.policy.model import Limits
@@ -70,7 +72,13 @@ def verified_certificate(transport: asyncio.BaseTransport) -> ClientCertificate 
     if ssl_object is None:
         return None
     der = ssl_object.getpeercert(binary_form=True)
-    return ClientCertificate.from_der(der) if der else None
+    if not der:
+        return None
+    try:
+        return ClientCertificate.from_der(der)
+    except ValueError as error:  # OpenSSL verified what cryptography cannot read: judged as no certificate
+        logs.event("tls.client_certificate_unreadable", logging.WARNING, error=str(error))
+        return None
 
 
 class HandshakeProtocol(asyncio.Protocol):

@@ -162,11 +162,13 @@ def metric(samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-async def tls_refused(port: int, context: ssl.SSLContext) -> bool:
+async def tls_refused(port: int, context: ssl.SSLContext, server_name: str | None = None) -> bool:
     """Whether the gateway ends the TLS connection before answering an upgrade request (with TLS 1.3 a
     client may finish its side of the handshake before the server has judged its certificate)."""
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=context, server_hostname=server_name
+        )
     except (ssl.SSLError, ConnectionError):
         return True
     try:
@@ -287,6 +289,37 @@ async def test_sni_picks_the_certificate_that_names_the_host(gateway, upstream, 
 
 
 # -- client certificates ----------------------------------------------------------------------------
+
+
+async def test_a_certificate_chosen_by_sni_still_requires_a_client_certificate(gateway, upstream, pki):
+    server, chat = pki["server"], pki["chat"]
+    ca = pki["ca"]
+    assert isinstance(server, Issued) and isinstance(chat, Issued) and isinstance(ca, Authority)
+    gw = await gateway(
+        f"""
+    listen:
+      address: "127.0.0.1:0"
+      tls:
+        certificates: [{{cert: {server.cert}, key: {server.key}}}, {{cert: {chat.cert}, key: {chat.key}}}]
+        client_ca: {ca.path}
+        client_auth: required
+    routes:
+      - path: /ws
+        upstream: {upstream.url("/headers")}
+        auth: none
+        forward_client_certificate: {{subject: X-Client-Subject}}
+    """
+    )
+    url = f"wss://127.0.0.1:{gw.port}/ws"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(url, ssl=client_context(pki, "alice"), server_hostname="chat.example.com") as ws,
+    ):
+        assert (await headers_seen(ws))["x-client-subject"] == "CN=alice,O=Example"
+    for who in (None, "mallory"):
+        assert await tls_refused(gw.port, client_context(pki, who), "chat.example.com")
+    samples = await scrape(gw)
+    assert metric(samples, "wsgate_tls_handshake_failures_total", reason="client_certificate") == 2
 
 
 async def test_required_client_certificates_admit_the_ca_s_and_forward_them(
