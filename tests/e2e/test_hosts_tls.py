@@ -521,3 +521,35 @@ def test_explain_takes_the_host_and_a_client_certificate(tmp_path, pki):
     broken = explain("--client-cert", str(policy))
     assert broken.returncode == 1
     assert "--client-cert: not a PEM certificate" in broken.stderr
+
+
+async def test_a_client_ca_rotated_in_place_applies_to_new_handshakes(gateway, upstream, pki, tmp_path):
+    ca, server, mallory = pki["ca"], pki["server"], pki["mallory"]
+    assert isinstance(ca, Authority) and isinstance(server, Issued) and isinstance(mallory, Issued)
+    client_ca = tmp_path / "clients.pem"
+    client_ca.write_bytes(ca.path.read_bytes())
+    gw = await gateway(
+        f"""
+    listen:
+      address: "127.0.0.1:0"
+      tls: {{cert: {server.cert}, key: {server.key}, client_ca: {client_ca}, client_auth: required}}
+    routes:
+      - path: /ws
+        upstream: {upstream.url()}
+        auth: none
+    """
+    )
+    url = f"wss://127.0.0.1:{gw.port}/ws"
+    async with aiohttp.ClientSession() as session:
+        live = await session.ws_connect(url, ssl=client_context(pki, "alice"))
+        assert await tls_refused(gw.port, client_context(pki, "mallory"))
+        # the rogue CA replaces the test CA: its clients are in, the test CA's are out, live sessions stay
+        client_ca.write_bytes((tmp_path / "rogue-ca.pem").read_bytes())
+        gw.gateway.reload_files()
+        assert await tls_refused(gw.port, client_context(pki, "alice"))
+        async with session.ws_connect(url, ssl=client_context(pki, "mallory")) as ws:
+            await ws.send_str("rotated")
+            assert (await ws.receive(timeout=10)).data == "rotated"
+        await live.send_str("still here")
+        assert (await live.receive(timeout=10)).data == "still here"
+        await live.close()
