@@ -188,7 +188,7 @@ async def headers_seen(ws: aiohttp.ClientWebSocketResponse) -> dict[str, str]:
 # -- hosts ------------------------------------------------------------------------------------------
 
 
-async def test_hosts_on_one_listener_reach_their_upstreams(gateway, upstream, client):
+async def test_hosts_on_one_listener_reach_their_upstreams(gateway, upstream, client, log_events):
     other = await Upstream().start()
     try:
         gw = await gateway(
@@ -231,6 +231,8 @@ async def test_hosts_on_one_listener_reach_their_upstreams(gateway, upstream, cl
             assert refused.value.status == 404, host
         samples = await scrape(gw)
         assert metric(samples, "wsgate_handshake_rejections_total", route="", reason="no_route") == 4
+        await log_events.wait_for("session.open", host="room.example.com", route="/ws")
+        await log_events.wait_for("handshake.rejected", host="a.b.example.com", reason="no_route")
     finally:
         await other.stop()
 
