@@ -29,11 +29,12 @@ from proxy.limiter.memory import MemoryLimiter
 from proxy.limiter.redis import RedisLimiter
 from proxy.listener import LINGER_SECONDS, HandshakeProtocol
 from proxy.metrics import Metrics, build_registry
-from proxy.policy.model import Address, Policy, TlsListen
+from proxy.policy.model import Address, Policy
 from proxy.reload import Reloader, enforce
 from proxy.request import HandshakeRequest
 from proxy.session_control import Selector, close_matching, close_request
 from proxy.sessions import SessionRegistry
+from proxy.tls_listener import handshake_failure_reason, listener_tls_context
 from proxy.upstream import forget_tls_contexts
 from proxy.worker import WORKER_ADMIN, SupervisorChannel, WorkerRole
 
@@ -49,14 +50,6 @@ RETIRE_GRACE = 10.0
 
 #: Connections the kernel may queue on the client listener before wsgate accepts them.
 LISTEN_BACKLOG = 1024
-
-
-def listener_tls_context(tls: TlsListen) -> ssl.SSLContext:
-    """A server TLS context for the client listener."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(tls.cert_file, tls.key_file)
-    return context
 
 
 class Gateway:
@@ -166,20 +159,21 @@ class Gateway:
         return self.address
 
     def reload_files(self) -> None:
-        """Read the certificate files again: the listener's (new TLS handshakes get the new certificate;
-        live sessions keep theirs) and the upstreams' CA files. A pair that does not load is reported and
-        the running certificate stays."""
+        """Read the certificate files again: the listener's certificates and client CA (new TLS handshakes
+        get a context built from them; live sessions keep theirs) and the upstreams' CA files. Files that do
+        not load are reported and the running context stays."""
         forget_tls_contexts()
         tls = self.policy.listen.tls
         if tls is None or self._tls_context is None:
             return
+        certs = [str(pair.cert_file) for pair in tls.pairs]
         try:
-            listener_tls_context(tls)  # a scratch load first: a broken pair must not touch the live context
-            self._tls_context.load_cert_chain(tls.cert_file, tls.key_file)
+            context = listener_tls_context(tls)
         except (OSError, ssl.SSLError) as error:
-            logs.event("tls.reload_failed", logging.ERROR, cert=str(tls.cert_file), error=str(error))
+            logs.event("tls.reload_failed", logging.ERROR, cert=certs, error=str(error))
             return
-        logs.event("tls.reloaded", cert=str(tls.cert_file))
+        self._tls_context = context
+        logs.event("tls.reloaded", cert=certs)
 
     def apply_policy(self, policy: Policy) -> int:
         """Swap in a new valid policy: new handshakes use it at once; live sessions it would refuse are
@@ -358,7 +352,14 @@ class Gateway:
                 )
         except OSError as error:  # the TLS handshake failed or timed out, or the client left; socket closed
             if tls is not None:
-                logs.event("tls.handshake_failed", logging.DEBUG, error=str(error) or type(error).__name__)
+                reason = handshake_failure_reason(error)
+                self.metrics.tls_handshake_failed(reason)
+                logs.event(
+                    "tls.handshake_failed",
+                    logging.DEBUG,
+                    reason=reason,
+                    error=str(error) or type(error).__name__,
+                )
 
     def _connect_done(self, protocol: HandshakeProtocol, task: asyncio.Task[None]) -> None:
         # A failed TLS handshake never reaches the protocol (no connection_made, no connection_lost):

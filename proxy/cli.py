@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from proxy import __version__, logs
@@ -192,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("-c", "--config", required=True, metavar="FILE", help="policy file (YAML)")
     explain.add_argument("--ip", required=True, metavar="IP", help="the client IP (as resolved)")
     explain.add_argument("--origin", metavar="ORIGIN", help="the Origin header, if any")
+    explain.add_argument(
+        "--host",
+        metavar="HOST",
+        help="the Host header (routes are matched on it; default: none, so only routes without a host match)",
+    )
+    explain.add_argument(
+        "--client-cert", metavar="FILE.pem", help="judge as if TLS had verified this client certificate"
+    )
     credentials = explain.add_mutually_exclusive_group()
     credentials.add_argument("--token", metavar="JWT", help="a token, verified as the gateway would")
     credentials.add_argument(
@@ -286,6 +295,7 @@ def _explain(args: argparse.Namespace) -> int:
     import json
 
     from proxy.explain import explain
+    from proxy.request import ClientCertificate
 
     policy = load_policy(args.config, require_secrets=False)
     try:
@@ -300,10 +310,20 @@ def _explain(args: argparse.Namespace) -> int:
             raise ArgumentError(f"--claims: not JSON: {error}") from None
         if not isinstance(claims, dict):
             raise ArgumentError("--claims: expected a JSON object")
+    certificate = None
+    if args.client_cert is not None:
+        try:
+            certificate = ClientCertificate.from_pem(Path(args.client_cert).read_bytes())
+        except OSError as error:
+            raise ArgumentError(f"--client-cert: cannot read {args.client_cert}: {error.strerror}") from None
+        except ValueError:
+            raise ArgumentError(f"--client-cert: not a PEM certificate: {args.client_cert}") from None
     logs.configure("text", "warning")
 
     async def judge() -> int:
-        result = await explain(policy, args.path, client_ip, args.origin, args.token, claims)
+        result = await explain(
+            policy, args.path, client_ip, args.origin, args.token, claims, args.host, certificate
+        )
         sys.stdout.write(result.render())
         if result.undecided:
             return 1

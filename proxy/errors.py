@@ -177,6 +177,15 @@ DRAINING = RejectionTemplate(503, "draining", "the gateway is shutting down; ret
 LIMITER_UNAVAILABLE = RejectionTemplate(
     503, "limiter_unavailable", "the rate limiter is unavailable; retry", (("Retry-After", "1"),)
 )
+#: A route with ``client_certificate: required`` (or ``client_subjects``) and a connection whose TLS
+#: handshake verified no client certificate.
+CLIENT_CERTIFICATE_MISSING = RejectionTemplate(
+    403, "client_certificate", "this route requires a verified client certificate"
+)
+#: A verified client certificate whose subject is not on the route's ``client_subjects``.
+CLIENT_SUBJECT_REFUSED = RejectionTemplate(
+    403, "client_certificate", "the client certificate's subject is not allowed on this route"
+)
 #: A bug met while judging or connecting one handshake: it costs that handshake, never the process.
 INTERNAL = RejectionTemplate(500, "internal_error", "internal error")
 

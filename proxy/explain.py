@@ -4,7 +4,8 @@ The request is built as a real upgrade request and judged by the guard registry 
 runs, in the same order, each guard saying what its step prints (:meth:`~proxy.guards.base.Guard.explain`).
 Rate limits and connection caps depend on live traffic, so they are reported with their configured values
 and not evaluated. With ``claims`` instead of a token, the signature step is skipped and the claims are
-judged as a verified token's would be.
+judged as a verified token's would be. The route is matched on the ``host`` given (none: only routes
+without a host match), and a ``client_certificate`` is judged as if the TLS handshake had verified it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from proxy.guards.token import provider_by_issuer, unverified_issuer
 from proxy.handshake import Pipeline
 from proxy.limiter.memory import MemoryLimiter
 from proxy.policy.model import Policy, Route
-from proxy.request import HandshakeRequest
+from proxy.request import ClientCertificate, HandshakeRequest
 
 
 @dataclass(slots=True)
@@ -45,6 +46,8 @@ class Explanation:
     detail: str = ""
     #: Why the answer cannot be given here ("" when it can): a step needs a secret that is not set.
     undecided: str = ""
+    host: str | None = None
+    client_certificate: ClientCertificate | None = None
 
     @property
     def admitted(self) -> bool:
@@ -52,12 +55,16 @@ class Explanation:
 
     def render(self) -> str:
         route = self.route
-        lines = [f"request   GET {self.path} from {self.client_ip}"]
+        host = f" (Host {self.host})" if self.host is not None else ""
+        lines = [f"request   GET {self.path}{host} from {self.client_ip}"]
+        if self.client_certificate is not None:
+            certificate = self.client_certificate
+            lines.append(f"cert      {certificate.subject} (sha256 {certificate.sha256[:16]}...)")
         if route is None:
             lines.append("route     none matches")
         else:
             auth = ", ".join(route.auth) or "none"
-            lines.append(f"route     {route.path} ({route.match}) -> {route.upstream.url}, auth: {auth}")
+            lines.append(f"route     {route.label} ({route.match}) -> {route.upstream.url}, auth: {auth}")
         for number, step in enumerate(self.steps, 1):
             line = f"  {number}. {step.guard:<24} {step.verdict}"
             lines.append(f"{line}: {step.detail}" if step.detail else line)
@@ -73,10 +80,16 @@ class Explanation:
 
 
 def _request(
-    policy: Policy, route: Route | None, path: str, client_ip: str, origin: str | None, token: str | None
+    policy: Policy,
+    route: Route | None,
+    path: str,
+    client_ip: str,
+    origin: str | None,
+    token: str | None,
+    host: str | None = None,
 ) -> HandshakeRequest:
     headers = [
-        ("host", "explain"),
+        ("host", host if host is not None else "explain"),
         ("upgrade", "websocket"),
         ("connection", "Upgrade"),
         ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
@@ -113,16 +126,21 @@ async def explain(
     origin: str | None = None,
     token: str | None = None,
     claims: dict[str, Any] | None = None,
+    host: str | None = None,
+    client_certificate: ClientCertificate | None = None,
 ) -> Explanation:
-    """Judge ``GET path`` from ``client_ip`` as the gateway would, guard by guard."""
-    route = policy.match_route(_request(policy, None, path, client_ip, origin, None).path)
-    result = Explanation(path, client_ip, route)
+    """Judge ``GET path`` from ``client_ip`` (with ``Host: host``, and ``client_certificate`` as if TLS
+    verified it) as the gateway would, guard by guard."""
+    probe = _request(policy, None, path, client_ip, origin, None, host)
+    route = policy.match_route(probe.path, probe.host if host is not None else None)
+    result = Explanation(path, client_ip, route, host=host, client_certificate=client_certificate)
     if route is None:
         result.status, result.reason, result.detail = 404, "no_route", f"no route for {path}"
         return result
     if claims is not None and route.auth:
         token = None
-    request = _request(policy, route, path, client_ip, origin, token)
+    request = _request(policy, route, path, client_ip, origin, token, host)
+    request.client_certificate = client_certificate
     limiter = MemoryLimiter()
     context = HandshakeContext(
         request=request,

@@ -4,7 +4,7 @@ The outcome is an :class:`Admission` (what the upstream connection and the sessi
 :class:`~proxy.errors.Rejection`:
 
 ==========================  ====================================
-route                        404 ``no_route``
+route (Host, then path)      404 ``no_route``
 draining                     503 ``draining``
 the guard registry           :data:`proxy.guards.registry.GUARDS`, each with its own refusals
 ==========================  ====================================
@@ -87,7 +87,7 @@ class Pipeline:
             Rejection: the first guard that said no.
         """
         policy = self.policy
-        route = policy.match_route(request.path)
+        route = policy.match_route(request.path, request.host)
         if route is None:
             raise Rejection(404, "no_route", f"no route for {request.path}")
         if draining:

@@ -33,7 +33,7 @@ from proxy.listener import HandshakeProtocol, http_response
 from proxy.metrics import NO_ROUTE, Metrics
 from proxy.relay import start_relay
 from proxy.reload import enforce
-from proxy.request import HandshakeRequest
+from proxy.request import ClientCertificate, HandshakeRequest
 from proxy.sessions import Session, SessionRegistry
 from proxy.upstream import UpstreamConnection, connect_upstream
 
@@ -93,7 +93,8 @@ class HandshakeFlow:
         started: float | None = None,
     ) -> None:
         """Answer ``rejection`` (also for requests refused before they were parsed), logged and counted."""
-        route = self._pipeline().policy.match_route(request.path) if request is not None else None
+        policy = self._pipeline().policy
+        route = policy.match_route(request.path, request.host) if request is not None else None
         self._metrics.rejected(
             route.path if route is not None else NO_ROUTE,
             rejection.reason,
@@ -105,9 +106,11 @@ class HandshakeFlow:
             request_id=connection.request_id,
             client_ip=request.client_ip if request else connection.peer_ip,
             route=route.path if route is not None else None,
+            host=request.host if request else None,
             path=request.path if request else None,
             token=request.token_fingerprint if request else None,
             provider=request.token_provider if request else None,
+            client_subject=_subject(connection.client_certificate),
             status=rejection.status,
             reason=rejection.reason,
             detail=rejection.detail,
@@ -171,6 +174,8 @@ class HandshakeFlow:
             slots=slots if slots.held else None,  # most sessions hold none: keep no object for them
             request_path=request.path,
             origin=request.header("origin"),
+            host=request.host,
+            client_certificate=request.client_certificate,
         )
         self._sessions.add(session)
         try:
@@ -198,11 +203,13 @@ class HandshakeFlow:
             request_id=request.request_id,
             client_ip=admission.client_ip,
             route=route.path,
+            host=request.host,
             upstream=route.upstream.url,
             subprotocol=upstream.subprotocol,
             subject=identity.subject if identity else None,
             provider=identity.provider if identity else None,
             token=identity.fingerprint if identity else None,
+            client_subject=_subject(request.client_certificate),
             handshake_ms=round(handshake_seconds * 1000, 1),
         )
         start_relay(
@@ -238,7 +245,12 @@ class HandshakeFlow:
             subject=identity.subject if identity else None,
             provider=identity.provider if identity else None,
             token=identity.fingerprint if identity else None,
+            client_subject=_subject(session.client_certificate),
         )
+
+
+def _subject(certificate: ClientCertificate | None) -> str | None:
+    return certificate.subject if certificate is not None else None
 
 
 def _switching_protocols(request: HandshakeRequest, upstream: UpstreamConnection) -> bytes:

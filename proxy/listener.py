@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import cast
 
+from proxy import logs
 from proxy.clientip import normalize_ip, peer_ip
 from proxy.errors import Rejection
 from proxy.policy.model import Limits
-from proxy.request import HandshakeRequest
+from proxy.request import ClientCertificate, HandshakeRequest
 from proxy.request_reader import RequestHead, RequestReader
 
 #: How long a rejected connection is kept half-open to swallow the rest of the client's request.
@@ -62,6 +64,23 @@ def rejection_response(rejection: Rejection, request_id: str) -> bytes:
     return http_response(rejection.status, headers, body)
 
 
+def verified_certificate(transport: asyncio.BaseTransport) -> ClientCertificate | None:
+    """The client certificate a TLS transport's handshake verified, if any. The listener's context asks
+    for one only with ``client_ca`` set, and verifies every one it gets (a failure ends the handshake), so
+    a certificate here is a verified one."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        return None
+    try:
+        return ClientCertificate.from_der(der)
+    except ValueError as error:  # OpenSSL verified what cryptography cannot read: judged as no certificate
+        logs.event("tls.client_certificate_unreadable", logging.WARNING, error=str(error))
+        return None
+
+
 class HandshakeProtocol(asyncio.Protocol):
     """One client connection from accept until its 101 or its rejection: the I/O around a
     :class:`~proxy.request_reader.RequestReader`, which does all the parsing."""
@@ -85,6 +104,8 @@ class HandshakeProtocol(asyncio.Protocol):
         self.tls = tls
         self.transport: asyncio.Transport
         self.peer_ip = "unknown"
+        #: The certificate the TLS handshake verified (None: plain TCP, or none asked for or sent).
+        self.client_certificate: ClientCertificate | None = None
         #: Bytes the client sent after its request (it should wait for the 101, but may not).
         self.pending = b""
         self.lost = False
@@ -106,6 +127,8 @@ class HandshakeProtocol(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         self.peer_ip = peer_ip(self.transport.get_extra_info("peername"))
+        if self.tls:
+            self.client_certificate = verified_certificate(self.transport)
         self._timer = asyncio.get_running_loop().call_at(self._deadline, self._timed_out)
         self._on_open(self)
         if self._refusal is not None:
@@ -143,6 +166,7 @@ class HandshakeProtocol(asyncio.Protocol):
             client_ip=self.peer_ip,
             tls=self.tls,
         )
+        request.client_certificate = self.client_certificate
         self._on_request(self, request)
 
     def _timed_out(self) -> None:

@@ -134,6 +134,8 @@ class Metrics:
         self.jwks_refreshes: dict[tuple[str, str], int] = {}
         #: Failed ``accept()`` calls, by listener (``client``, ``admin``) and reason (``fd_exhausted``...).
         self.accept_errors: dict[tuple[str, str], int] = {}
+        #: Client TLS handshakes that failed, by reason (``client_certificate``, ``timeout``, ``error``).
+        self.tls_handshake_failures: dict[str, int] = {}
         self.policy_version = ""
         self.policy_hash = ""
         self.policy_loaded_at = 0.0
@@ -191,6 +193,9 @@ class Metrics:
     def accept_failed(self, listener: str, reason: str) -> None:
         key = (listener, reason)
         self.accept_errors[key] = self.accept_errors.get(key, 0) + 1
+
+    def tls_handshake_failed(self, reason: str) -> None:
+        self.tls_handshake_failures[reason] = self.tls_handshake_failures.get(reason, 0) + 1
 
     def live(self) -> Iterator[Session]:
         return iter(self._live_sessions())
@@ -321,6 +326,15 @@ class WsgateCollector(Collector):
         for listener in ("client", "admin"):
             for reason in ("fd_exhausted", "out_of_memory", "error"):
                 counter.add_metric([listener, reason], metrics.accept_errors.get((listener, reason), 0))
+        yield counter
+
+        counter = CounterMetricFamily(
+            "wsgate_tls_handshake_failures",
+            "Client TLS handshakes that failed, by reason (client_certificate: missing or not verified).",
+            labels=["reason"],
+        )
+        for reason in ("client_certificate", "timeout", "error"):
+            counter.add_metric([reason], metrics.tls_handshake_failures.get(reason, 0))
         yield counter
 
         backend, up = metrics.limiter_state()

@@ -33,7 +33,7 @@ def refusal_for(session: LiveSession, policy: Policy, guards: tuple[Guard, ...] 
     The others say why they do not (:attr:`~proxy.guards.base.Guard.not_rejudged`): rates and caps bound
     future handshakes, and an upgraded session stays upgraded.
     """
-    route = policy.match_route(session.request_path)
+    route = policy.match_route(session.request_path, session.host)
     if route is None:
         return "route removed"
     for guard in guards:
@@ -74,7 +74,10 @@ def referenced_files(policy: Policy) -> list[Path]:
     """Files the policy reads besides itself: a change to any of them is a change of the policy."""
     files: list[Path] = []
     if policy.listen.tls is not None:
-        files += [Path(policy.listen.tls.cert_file), Path(policy.listen.tls.key_file)]
+        for pair in policy.listen.tls.pairs:
+            files += [Path(pair.cert_file), Path(pair.key_file)]
+        if policy.listen.tls.client_ca is not None:
+            files.append(Path(policy.listen.tls.client_ca))
     files += [provider.public_key_file for provider in policy.auth if provider.public_key_file is not None]
     for route in policy.routes:
         if route.upstream.ca_file is not None:

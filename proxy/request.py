@@ -2,11 +2,49 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+
 from proxy.headers import header_list, header_value, header_values
+from proxy.policy.values import request_host
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCertificate:
+    """A client certificate the TLS handshake verified against ``listen.tls.client_ca``: what routes
+    judge (``client_certificate``, ``client_subjects``), forward and log."""
+
+    #: The subject as RFC 4514 text, most specific first (``CN=alice,O=Example``).
+    subject: str
+    common_names: tuple[str, ...]
+    #: Hex of the sha256 of the certificate's DER.
+    sha256: str
+
+    @classmethod
+    def from_der(cls, der: bytes) -> ClientCertificate:
+        """Raises ValueError for bytes that are not a DER certificate."""
+        certificate = x509.load_der_x509_certificate(der)
+        return cls._of(certificate, der)
+
+    @classmethod
+    def from_pem(cls, pem: bytes) -> ClientCertificate:
+        """The first certificate of a PEM file (``wsgate explain --client-cert``). Raises ValueError."""
+        certificate = x509.load_pem_x509_certificate(pem)
+        return cls._of(certificate, certificate.public_bytes(Encoding.DER))
+
+    @classmethod
+    def _of(cls, certificate: x509.Certificate, der: bytes) -> ClientCertificate:
+        names = tuple(
+            str(attribute.value)
+            for attribute in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        )
+        return cls(certificate.subject.rfc4514_string(), names, hashlib.sha256(der).hexdigest())
 
 
 @dataclass(slots=True)
@@ -27,6 +65,8 @@ class HandshakeRequest:
     token_fingerprint: str | None = None
     #: The auth provider chosen for its token, for the rejection's log line (None before one was).
     token_provider: str | None = None
+    #: The client's certificate, when the TLS handshake verified one.
+    client_certificate: ClientCertificate | None = None
 
     @classmethod
     def build(
@@ -54,6 +94,11 @@ class HandshakeRequest:
             client_ip=client_ip,
             tls=tls,
         )
+
+    @property
+    def host(self) -> str | None:
+        """The Host header's host as routes match it (no port, lower case, no trailing dot)."""
+        return request_host(self.header("host"))
 
     def header(self, name: str) -> str | None:
         """The first value of a header, or None."""

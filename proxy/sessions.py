@@ -15,6 +15,7 @@ from proxy.errors import IDLE_TIMEOUT, TOKEN_EXPIRED, Close
 from proxy.guards.context import Identity
 from proxy.guards.slots import LimiterSlots
 from proxy.policy.model import Route
+from proxy.request import ClientCertificate
 
 if TYPE_CHECKING:
     from proxy.relay import Leg
@@ -28,10 +29,12 @@ class Session:
         "_idle_handle",
         "_on_finish",
         "client",
+        "client_certificate",
         "client_ip",
         "close_code",
         "close_reason",
         "finished",
+        "host",
         "identity",
         "initiator",
         "loop",
@@ -59,6 +62,8 @@ class Session:
         slots: LimiterSlots | None = None,
         request_path: str = "/",
         origin: str | None = None,
+        host: str | None = None,
+        client_certificate: ClientCertificate | None = None,
     ) -> None:
         self.loop = loop
         self.request_id = request_id
@@ -66,6 +71,9 @@ class Session:
         #: The path and Origin the handshake was judged on: what a reloaded policy judges again.
         self.request_path = request_path
         self.origin = origin
+        #: The Host (normalized) its route was matched on, and the client certificate TLS verified.
+        self.host = host
+        self.client_certificate = client_certificate
         self.client_ip = client_ip
         self.subprotocol = subprotocol
         #: Who the token said the client is (None on an open route), and the limiter slots held, given

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Protocol
 from proxy.errors import Rejection
 from proxy.guards.context import HandshakeContext, Identity
 from proxy.policy.model import Policy, Route
+from proxy.request import ClientCertificate
 
 #: What a guard's check gives: None to pass, or the refusal (possibly after an await).
 Verdict = Rejection | None
@@ -43,6 +44,12 @@ class LiveSession(Protocol):
 
     @property
     def identity(self) -> Identity | None: ...
+
+    @property
+    def host(self) -> str | None: ...
+
+    @property
+    def client_certificate(self) -> ClientCertificate | None: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from proxy.guards.auth import RevocationGuard, TokenGuard
 from proxy.guards.base import Guard, undeclared
+from proxy.guards.client_cert import ClientCertificateGuard
 from proxy.guards.firewall import FirewallGuard
 from proxy.guards.limits import ConnectionsPerIpGuard, ConnectionsPerSubjectGuard, HandshakeRateGuard
 from proxy.guards.origin import OriginGuard
@@ -35,9 +36,10 @@ def checked(guards: tuple[Guard, ...]) -> tuple[Guard, ...]:
 
 #: Status and reason each guard refuses with, in order: upgrade 400/426 ``bad_request``; firewall 403
 #: ``firewall``; origin 403 ``origin``; handshakes per IP 429 ``rate_limited`` + Retry-After; connections
-#: per IP 429 ``conn_limit``; token 401 ``auth_missing``/``auth_invalid``/``auth_expired``, 403 ``claims``
-#: (400 ``bad_request`` for two different tokens on a route of several providers); revocation 401
-#: ``revoked``; connections per subject 429 ``conn_limit``.
+#: per IP 429 ``conn_limit``; client certificate 403 ``client_certificate``; token 401
+#: ``auth_missing``/``auth_invalid``/``auth_expired``, 403 ``claims`` (400 ``bad_request`` for two
+#: different tokens on a route of several providers); revocation 401 ``revoked``; connections per
+#: subject 429 ``conn_limit``.
 GUARDS: tuple[Guard, ...] = checked(
     (
         UpgradeGuard(),
@@ -45,6 +47,7 @@ GUARDS: tuple[Guard, ...] = checked(
         OriginGuard(),
         HandshakeRateGuard(),
         ConnectionsPerIpGuard(),
+        ClientCertificateGuard(),
         TokenGuard(),
         RevocationGuard(),
         ConnectionsPerSubjectGuard(),

@@ -32,7 +32,16 @@ from proxy.policy.units import (
     parse_rate,
     parse_size,
 )
-from proxy.policy.values import Address, ClaimRule, FirewallRule, IPNetwork, OriginPattern, Upstream
+from proxy.policy.values import (
+    Address,
+    ClaimRule,
+    FirewallRule,
+    IPNetwork,
+    OriginPattern,
+    SubjectPattern,
+    Upstream,
+    parse_route_host,
+)
 
 T = TypeVar("T")
 
@@ -299,6 +308,32 @@ def read_forward_claims(source: Source, node: yaml.Node, path: str) -> tuple[tup
     return tuple(pairs)
 
 
+def read_route_host(source: Source, node: yaml.Node, path: str) -> str:
+    try:
+        return parse_route_host(read_str(source, node, path))
+    except ValueError as error:
+        source.fail(node, path, str(error))
+
+
+def read_subject_patterns(source: Source, node: yaml.Node, path: str) -> tuple[SubjectPattern, ...]:
+    patterns = []
+    for item, item_path in items(source, node, path):
+        try:
+            patterns.append(SubjectPattern.parse(read_str(source, item, item_path)))
+        except ValueError as error:
+            source.fail(item, item_path, str(error))
+    if not patterns:
+        source.fail(node, path, "an empty list admits no certificate; name at least one subject")
+    return tuple(patterns)
+
+
+def read_forwarded_header(source: Source, node: yaml.Node, path: str) -> str:
+    header = read_str(source, node, path)
+    if not HEADER_NAME.match(header) or header.lower() in RESERVED_HEADERS:
+        source.fail(node, path, f"{header!r} cannot carry a certificate's value")
+    return header
+
+
 def read_claims(source: Source, node: yaml.Node, path: str) -> tuple[ClaimRule, ...]:
     if not isinstance(node, yaml.MappingNode):
         source.fail(node, path, "expected a mapping of claim: value or [values]")
@@ -451,6 +486,19 @@ MESSAGE_TYPES = Kind(
         ]
     },
     show=lambda value: ", ".join(name for code, name in ((1, "text"), (2, "binary")) if code in value),
+)
+ROUTE_HOST = Kind(
+    "host name or *.domain",
+    read_route_host,
+    {"type": "string", "pattern": r"^(\*\.)?[^*:/ ]+$|^\[[0-9A-Fa-f:.]+\]$"},
+)
+CLIENT_SUBJECTS = Kind(
+    "list of subjects (RFC 4514, or CN=glob)",
+    read_subject_patterns,
+    {"type": "array", "items": {"type": "string", "pattern": "="}, "minItems": 1},
+)
+FORWARDED_HEADER = Kind(
+    "header name", read_forwarded_header, {"type": "string", "pattern": HEADER_NAME.pattern}
 )
 ORIGINS = Kind(
     "list of origins", read_origins, {"type": "array", "items": {"type": "string", "pattern": "^https?://"}}

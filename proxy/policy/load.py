@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -31,6 +32,7 @@ from proxy.policy.declare import Declared, Kind, Scope, declarations
 from proxy.policy.model import (
     Address,
     AuthProvider,
+    CertificatePair,
     Limits,
     Listen,
     MessageRate,
@@ -156,13 +158,56 @@ def _plain(cls: type) -> Any:
     return build
 
 
+def _certificate_pair(source: Source, node: yaml.Node, path: str, name: str | None) -> CertificatePair:
+    values, section = read_keys(source, node, path, CertificatePair)
+    pair = CertificatePair(**values)
+    return replace(pair, names=_load_pair(section, pair.cert_file, pair.key_file))
+
+
+def _load_pair(section: Section, cert_file: Path, key_file: Path) -> tuple[str, ...]:
+    """The SAN dNSNames of a certificate that loads with its key (refused at its ``cert`` key otherwise):
+    a pair that does not load would otherwise surface only when the listener starts."""
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert_file, key_file)
+    except (ssl.SSLError, OSError) as error:
+        section.fail("cert", f"cannot load the certificate and key: {error.strerror or error}")
+    try:
+        certificate = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    except ValueError as error:
+        section.fail("cert", f"not a PEM certificate: {error}")
+    try:
+        alternative = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return ()
+    return tuple(name.lower().rstrip(".") for name in alternative.value.get_values_for_type(x509.DNSName))
+
+
 def _tls(source: Source, node: yaml.Node, path: str, name: str | None) -> TlsListen:
     values, section = read_keys(source, node, path, TlsListen)
     tls = TlsListen(**values)
-    try:  # a pair that does not load would otherwise surface only when the listener starts
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls.cert_file, tls.key_file)
-    except (ssl.SSLError, OSError) as error:
-        section.fail("cert", f"cannot load the certificate and key: {error.strerror or error}")
+    single = "cert" in section or "key" in section
+    if single and "certificates" in section:
+        section.fail("certificates", "set either cert and key, or certificates, not both")
+    if single:
+        for present, absent in (("cert", "key"), ("key", "cert")):
+            if present in section and absent not in section:
+                section.fail(present, f"needs {absent!r} too")
+        assert tls.cert_file is not None and tls.key_file is not None
+        names = _load_pair(section, tls.cert_file, tls.key_file)
+        tls = replace(tls, pairs=(CertificatePair(tls.cert_file, tls.key_file, names),))
+    elif "certificates" in section:
+        if not tls.certificates:
+            section.fail("certificates", "name at least one {cert, key}")
+        tls = replace(tls, pairs=tls.certificates)
+    else:
+        source.fail(node, path, "missing 'cert' and 'key' (or 'certificates')")
+    if tls.client_ca is None and tls.client_auth != "none":
+        section.fail(
+            "client_auth",
+            f"{tls.client_auth} needs client_ca, the CAs client certificates are verified against",
+        )
+    if tls.client_ca is not None and tls.client_auth == "none":
+        section.fail("client_ca", "does nothing without client_auth: optional or required")
     return tls
 
 
@@ -383,6 +428,7 @@ def _check_public_key(section: Section, pem: bytes, algorithms: tuple[str, ...])
 #: Sections with rules of their own beyond their keys; any other section is built from its keys alone.
 _SECTIONS: dict[type, Any] = {
     TlsListen: _tls,
+    CertificatePair: _certificate_pair,
     AuthProvider: _provider,
     RedisLimiter: _redis,
 }
@@ -456,18 +502,20 @@ def _parse_root(origin: Source, root: yaml.Node | None, raw: bytes, source: Path
     if "routes" not in top:
         origin.fail(root, "routes", "missing 'routes' (at least one route)")
     routes: list[Route] = []
-    seen: dict[tuple[str, str], int] = {}
+    seen: dict[tuple[str | None, str, str], int] = {}
     for item, item_path in items(origin, top.node_of("routes"), "routes"):
         route = _route(origin, item, item_path, limits, providers)
-        key = (route.path, route.match)
+        route_section = Section(origin, item, item_path, section_keys(Route))
+        key = (route.host, route.path, route.match)
         if key in seen:
-            path_node = Section(origin, item, item_path, section_keys(Route)).node_of("path")
+            on = f" on host {route.host!r}" if route.host is not None else ""
             origin.fail(
-                path_node,
+                route_section.node_of("path"),
                 f"{item_path}.path",
-                f"duplicate route path {route.path!r} (first at line {seen[key]})",
+                f"duplicate route path {route.path!r}{on} (first at line {seen[key]})",
             )
         seen[key] = item.start_mark.line + 1
+        _check_certificate_keys(route_section, route, listen)
         routes.append(route)
     if not routes:
         origin.fail(top.node_of("routes"), "routes", "at least one route is needed")
@@ -482,6 +530,19 @@ def _parse_root(origin: Source, root: yaml.Node | None, raw: bytes, source: Path
         sha256=hashlib.sha256(raw).hexdigest(),
         warnings=tuple(origin.warnings),
     )
+
+
+def _check_certificate_keys(section: Section, route: Route, listen: Listen) -> None:
+    """A route that needs a client certificate needs a listener that asks for one."""
+    asks = listen.tls is not None and listen.tls.client_auth != "none"
+    if asks:
+        return
+    for name in ("client_certificate", "client_subjects"):
+        if name in section and route.requires_certificate:
+            section.fail(
+                name,
+                "needs listen.tls.client_ca and client_auth (optional or required) to verify certificates",
+            )
 
 
 def _declared(cls: type, field_name: str) -> Declared:

@@ -33,15 +33,19 @@ from proxy.policy.values import (
     IPAddress,
     IPNetwork,
     OriginPattern,
+    SubjectPattern,
     Upstream,
+    host_matches,
 )
 
 __all__ = [
     "Address",
     "AuthProvider",
+    "CertificatePair",
     "ClaimRule",
     "Firewall",
     "FirewallRule",
+    "ForwardClientCertificate",
     "IPAddress",
     "IPNetwork",
     "LimiterSettings",
@@ -55,6 +59,7 @@ __all__ = [
     "RedisLimiter",
     "Revocation",
     "Route",
+    "SubjectPattern",
     "TlsListen",
     "Upstream",
     "UpstreamTls",
@@ -73,16 +78,57 @@ def _above_zero(value: float) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
-class TlsListen:
-    """TLS for the client listener (wss://)."""
+class CertificatePair:
+    """One certificate of the client listener, with the names SNI picks it by."""
 
     cert_file: Path = key(
         name="cert", kind=kinds.FILE, help="PEM certificate chain", scopes=POLICY, required=True
     )
     key_file: Path = key(name="key", kind=kinds.FILE, help="PEM private key", scopes=POLICY, required=True)
+    #: The certificate's SAN dNSNames, lower case (``*.example.com`` included): what SNI is matched with.
+    names: tuple[str, ...] = derived("the certificate's subjectAltName dNSNames", ())
+
+
+@dataclass(frozen=True, slots=True)
+class TlsListen:
+    """TLS for the client listener (wss://): one certificate (``cert``/``key``) or several chosen by SNI
+    (``certificates``), and whether clients present certificates of their own (mTLS)."""
+
+    cert_file: Path | None = key(
+        None,
+        name="cert",
+        kind=kinds.FILE,
+        help="PEM certificate chain (or set certificates instead)",
+        scopes=POLICY,
+    )
+    key_file: Path | None = key(
+        None, name="key", kind=kinds.FILE, help="PEM private key of cert", scopes=POLICY
+    )
+    certificates: tuple[CertificatePair, ...] = key(
+        (),
+        kind=kinds.section_list(CertificatePair),
+        help="[{cert, key}, ...] chosen by SNI from their SAN names; the first also without SNI or a match",
+        scopes=POLICY,
+    )
     min_version: Literal["1.2", "1.3"] = key(
         "1.2", kind=kinds.TLS_VERSION, help="oldest TLS version accepted", scopes=POLICY
     )
+    client_ca: Path | None = key(
+        None,
+        kind=kinds.CA_FILE,
+        help="PEM bundle of the CAs client certificates are verified against (needs client_auth)",
+        scopes=POLICY,
+    )
+    #: none: no certificate asked for; optional: asked, verified when presented; required: the TLS
+    #: handshake fails without a verified one. A presented certificate that does not verify always fails it.
+    client_auth: Literal["none", "optional", "required"] = key(
+        "none",
+        kind=kinds.choice("none", "optional", "required"),
+        help="client certificates: none, optional (verified when sent), required (else no TLS handshake)",
+        scopes=POLICY,
+    )
+    #: The certificates served, the default first: ``cert``/``key``, or ``certificates``.
+    pairs: tuple[CertificatePair, ...] = derived("cert and key, or certificates", ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,8 +442,33 @@ class Firewall:
 
 
 @dataclass(frozen=True, slots=True)
+class ForwardClientCertificate:
+    """Upstream headers carrying the client's verified certificate; a client's own copies are dropped."""
+
+    subject_header: str | None = key(
+        None,
+        name="subject",
+        kind=kinds.FORWARDED_HEADER,
+        help="header for the certificate's subject (RFC 4514), e.g. X-Client-Subject",
+        scopes=ROUTE,
+    )
+    sha256_header: str | None = key(
+        None,
+        name="sha256",
+        kind=kinds.FORWARDED_HEADER,
+        help="header for the sha256 of the certificate (hex of its DER), e.g. X-Client-Cert-Sha256",
+        scopes=ROUTE,
+    )
+
+    @property
+    def headers(self) -> tuple[str, ...]:
+        """The header names set (lower case): what is always stripped from the client's request."""
+        return tuple(name.lower() for name in (self.subject_header, self.sha256_header) if name)
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
-    """One path the gateway serves and the upstream behind it."""
+    """One path (on one host, or any) the gateway serves and the upstream behind it."""
 
     path: str = key(kind=kinds.ROUTE_PATH, help="the request path served", scopes=ROUTE, required=True)
     #: Names of the auth providers, in the order the policy lists them; empty for ``auth: none`` (open
@@ -426,6 +497,13 @@ class Route:
         "exact",
         kind=kinds.choice("exact", "prefix"),
         help="prefix also serves path/... (never pathfoo)",
+        scopes=ROUTE,
+    )
+    #: Normalized: lower case, no trailing dot, IPv6 without brackets; ``*.`` + domain for a wildcard.
+    host: str | None = key(
+        None,
+        kind=kinds.ROUTE_HOST,
+        help="Host served (any port): exact, or *.example.com for one more label (unset: any host)",
         scopes=ROUTE,
     )
     upstream_tls: UpstreamTls | None = key(
@@ -483,8 +561,46 @@ class Route:
         help="whether the Authorization header and token cookie reach the upstream",
         scopes=ROUTE,
     )
+    #: Whether a verified client certificate is needed (listen.tls.client_auth optional or required).
+    client_certificate: Literal["none", "required"] = key(
+        "none",
+        kind=kinds.choice("none", "required"),
+        help="required: a handshake without a verified client certificate gets 403 client_certificate",
+        scopes=ROUTE,
+    )
+    client_subjects: tuple[SubjectPattern, ...] = key(
+        (),
+        kind=kinds.CLIENT_SUBJECTS,
+        help="certificate subjects allowed (CN=alice,O=Example exactly, or CN=*.svc.example.com); "
+        "others 403 client_certificate; implies client_certificate: required",
+        scopes=ROUTE,
+    )
+    forward_client_certificate: ForwardClientCertificate | None = key(
+        None,
+        kind=kinds.section(ForwardClientCertificate),
+        help="{subject: Header, sha256: Header}: the verified certificate in upstream headers "
+        "(a client's own copies are always dropped)",
+        scopes=ROUTE,
+    )
     #: The ``Limits`` fields this route's own ``limits`` set: its rates and caps are its own buckets.
     own_limits: frozenset[str] = derived("the keys of the route's limits", frozenset())
+
+    @property
+    def requires_certificate(self) -> bool:
+        """Whether a handshake needs a verified client certificate (``client_subjects`` imply one)."""
+        return self.client_certificate == "required" or bool(self.client_subjects)
+
+    @property
+    def label(self) -> str:
+        """How logs and ``explain`` name the route: its path, after its host when it has one."""
+        return f"{self.host}{self.path}" if self.host is not None else self.path
+
+    def serves_host(self, host: str | None) -> bool:
+        """Whether a request for ``host`` (normalized, see :func:`~proxy.policy.values.request_host`) may
+        use this route: any host when the route names none."""
+        if self.host is None:
+            return True
+        return host is not None and host_matches(self.host, host)
 
     def matches(self, request_path: str) -> bool:
         """Whether ``request_path`` (no query) belongs to this route.
@@ -799,14 +915,37 @@ class Policy:
         """The providers of ``route``, in its list's order (empty for an open route)."""
         return tuple(self.provider(name) for name in route.auth)
 
-    def match_route(self, request_path: str) -> Route | None:
-        """The route for a request path: an exact route first, then the longest matching prefix."""
-        best: Route | None = None
+    def match_route(self, request_path: str, host: str | None = None) -> Route | None:
+        """The route for a request: routes for an exact host first, then for a wildcard host, then routes
+        without a host; within each tier an exact path first, then the longest matching prefix.
+
+        ``host`` is the request's normalized host (:func:`~proxy.policy.values.request_host`); with None
+        only routes without a host match. A host's routes that serve no matching path fall through to the
+        next tier.
+        """
+        exact: list[Route] = []
+        wildcard: list[Route] = []
+        anyhost: list[Route] = []
         for route in self.routes:
-            if not route.matches(request_path):
-                continue
-            if route.match == "exact":
-                return route
-            if best is None or len(route.path) > len(best.path):
-                best = route
-        return best
+            if route.host is None:
+                anyhost.append(route)
+            elif route.serves_host(host):
+                (wildcard if route.host.startswith("*.") else exact).append(route)
+        for tier in (exact, wildcard, anyhost):
+            found = _match_path(tier, request_path)
+            if found is not None:
+                return found
+        return None
+
+
+def _match_path(routes: list[Route], request_path: str) -> Route | None:
+    """Among ``routes``, the exact route for the path first, then the longest matching prefix."""
+    best: Route | None = None
+    for route in routes:
+        if not route.matches(request_path):
+            continue
+        if route.match == "exact":
+            return route
+        if best is None or len(route.path) > len(best.path):
+            best = route
+    return best

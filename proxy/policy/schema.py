@@ -14,7 +14,9 @@ from typing import Any
 from proxy.policy.declare import Declared, Kind, Scope, declarations
 from proxy.policy.model import (
     AuthProvider,
+    CertificatePair,
     Firewall,
+    ForwardClientCertificate,
     LimiterSettings,
     Limits,
     Listen,
@@ -33,8 +35,10 @@ SECTION_CLASSES: tuple[type, ...] = (
     Policy,
     Listen,
     TlsListen,
+    CertificatePair,
     Limits,
     Route,
+    ForwardClientCertificate,
     UpstreamTls,
     MessageRules,
     Firewall,

@@ -6,10 +6,14 @@ Their fields are derived from one key's text (``0.0.0.0:8080``, ``wss://chat:844
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from proxy.policy.declare import derived
 
@@ -105,3 +109,113 @@ def _port(scheme: str, port: int | None) -> int:
     if port is not None:
         return port
     return 443 if scheme == "https" else 80
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectPattern:
+    """A ``client_subjects`` entry: ``CN=<glob>`` (the certificate's common name fits the glob, ``*``
+    standing for any run of characters) or a whole RFC 4514 subject (``CN=alice,O=Example``: the
+    certificate's subject is exactly that, attribute for attribute, in that order).
+
+    Only the CN form is a glob: a whole subject compares exactly, so no ``*`` can stretch over a comma
+    into another attribute.
+    """
+
+    text: str = derived("a client_subjects entry")
+    #: The CN glob as a compiled-once regular expression source (None for a whole subject).
+    common_name: str | None = derived("a client_subjects entry of the form CN=...")
+    #: The whole subject as RFC 4514 text, normalized by parsing (None for a CN glob).
+    subject: str | None = derived("a client_subjects entry with more than a CN")
+
+    @classmethod
+    def parse(cls, text: str) -> SubjectPattern:
+        """Parse an allow list entry.
+
+        Raises:
+            ValueError: not an RFC 4514 subject (attribute names upper case: CN, O, OU, C...).
+        """
+        try:
+            name = x509.Name.from_rfc4514_string(text.strip())
+        except ValueError:
+            raise ValueError(
+                "expected an RFC 4514 subject like CN=alice,O=Example (no spaces after commas) "
+                f"or a CN glob like CN=*.svc, got {text!r}"
+            ) from None
+        attributes = list(name)
+        if not attributes:
+            raise ValueError(f"an empty subject matches no certificate: {text!r}")
+        if len(attributes) == 1 and attributes[0].oid == NameOID.COMMON_NAME:
+            glob = str(attributes[0].value)
+            return cls(text, "".join(".*" if part == "*" else re.escape(part) for part in _stars(glob)), None)
+        return cls(text, None, name.rfc4514_string())
+
+    def matches(self, subject: str, common_names: tuple[str, ...]) -> bool:
+        """Whether a verified certificate with this RFC 4514 ``subject`` and these CNs fits."""
+        if self.common_name is not None:
+            return any(re.fullmatch(self.common_name, name, re.DOTALL) for name in common_names)
+        return subject == self.subject
+
+
+def _stars(glob: str) -> list[str]:
+    """``a*b`` -> ``["a", "*", "b"]``: the glob's literal parts and its stars."""
+    return [part for part in re.split(r"(\*)", glob) if part]
+
+
+_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+
+
+def request_host(header: str | None) -> str | None:
+    """The host a ``Host`` header names, as routes are matched against it: without its port, lower case,
+    without a trailing dot; an IPv6 literal (``[::1]:8080``) without its brackets, in its short form.
+    None for no header or an empty one."""
+    if header is None:
+        return None
+    text = header.strip()
+    if text.startswith("["):
+        literal, closed, _rest = text[1:].partition("]")
+        if not closed:
+            return None
+        try:
+            return str(ip_address(literal))
+        except ValueError:
+            return literal.lower()
+    host = text.rpartition(":")[0] if ":" in text else text
+    host = host.lower().rstrip(".")
+    return host or None
+
+
+def parse_route_host(text: str) -> str:
+    """A route's ``host``, normalized as :func:`request_host` normalizes the header: ``chat.example.com``,
+    ``*.example.com`` (one label, never the apex or deeper) or an IP address (IPv6 in brackets).
+
+    Raises:
+        ValueError: a port, a misplaced wildcard, or not a host name.
+    """
+    host = text.strip().lower()
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return str(ip_address(host[1:-1]))
+        except ValueError:
+            raise ValueError(f"not an IPv6 address: {text!r}") from None
+    if ":" in host:
+        try:
+            ip_address(host)
+        except ValueError:
+            raise ValueError(f"a host has no port (routes match any port): {text!r}") from None
+        raise ValueError(f"put an IPv6 address in brackets, like [::1]: {text!r}")
+    host = host.rstrip(".")
+    rest = host[2:] if host.startswith("*.") else host
+    if "*" in rest:
+        raise ValueError(f"a wildcard is the whole first label, like *.example.com: {text!r}")
+    if not rest or not all(_LABEL.match(label) for label in rest.split(".")):
+        raise ValueError(f"not a host name: {text!r}")
+    return host
+
+
+def host_matches(pattern: str, host: str) -> bool:
+    """Whether a normalized request host fits a route's host: equal, or ``*.example.com`` for exactly one
+    more label (``a.example.com``; not ``example.com``, not ``a.b.example.com``)."""
+    if not pattern.startswith("*."):
+        return host == pattern
+    label, dot, parent = host.partition(".")
+    return bool(label) and bool(dot) and parent == pattern[2:]

@@ -88,6 +88,7 @@ def test_allowed_with_a_token(policy):
         "origin",
         "handshakes per IP",
         "connections per IP",
+        "client certificate",
         "token",
         "revocation",
         "connections per subject",

@@ -15,6 +15,7 @@ from proxy.guards.registry import GUARDS, checked
 from proxy.policy.load import parse_policy
 from proxy.policy.model import Policy, Route
 from proxy.reload import refusal_for
+from proxy.request import ClientCertificate
 
 SECRET = "registry-test-secret-0123456789-abcdefghij"
 
@@ -52,6 +53,8 @@ class Live:
     client_ip: str = "198.51.100.7"
     origin: str | None = "https://app.test"
     identity: Identity | None = None
+    host: str | None = None
+    client_certificate: ClientCertificate | None = None
 
 
 def identity(subject: str = "alice", provider: str = "main", **claims: object) -> Identity:
