@@ -151,6 +151,12 @@ class Endpoint:
             cause = f"health check failed: {failure}"
         self._log_change(was_up, cause)
 
+    def checks_removed(self) -> None:
+        """The pool no longer has a health check: checks can hold the endpoint out no longer."""
+        was_up = self.up
+        self.active_up, self.streak = True, 0
+        self._log_change(was_up, "health check removed")
+
     def _log_change(self, was_up: bool, cause: str, **fields: object) -> None:
         if self.up == was_up:
             return
@@ -274,19 +280,25 @@ class Pools:
             return
         _stop_checker(endpoint)
         endpoint.check = check
-        if check is None:  # no checks any more: they can hold it out no longer
-            was_up = endpoint.up
-            endpoint.active_up, endpoint.streak = True, 0
-            endpoint._log_change(was_up, "health check removed")
+        if check is None:
+            endpoint.checks_removed()
             return
         endpoint.checker = asyncio.get_running_loop().create_task(self._check_forever(endpoint, check))
 
     async def _check_forever(self, endpoint: Endpoint, check: HealthCheck) -> None:
-        """Check ``endpoint`` every ``interval`` (the first at once) until stopped."""
+        """Check ``endpoint`` every ``interval`` (the first at once) until stopped. A bug in one check
+        is logged and counts as a failed check; the checks go on."""
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
-            failure = await self._check_once(endpoint, check)
+            try:
+                failure = await self._check_once(endpoint, check)
+            except Exception:  # noqa: BLE001 - logged with its traceback, counted as a failed check
+                logs.LOGGER.exception(
+                    "upstream.check_error",
+                    extra={"fields": {"route": endpoint.route, "endpoint": endpoint.label}},
+                )
+                failure = "internal error (see upstream.check_error)"
             endpoint.checked(failure, check)
             await asyncio.sleep(max(0.0, check.interval - (loop.time() - started)))
 
@@ -305,7 +317,7 @@ class Pools:
         try:
             async with self._http.get(
                 url,
-                ssl=upstream_tls_context(upstream) or False,
+                ssl=upstream_tls_context(upstream) or False,  # in the try: a rotated file may not load
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=check.timeout),
             ) as response:
@@ -316,6 +328,8 @@ class Pools:
             return f"GET {check.path} got no answer within {check.timeout:g}s"
         except aiohttp.ClientError as error:
             return f"GET {check.path} failed: {type(error).__name__}"
+        except OSError as error:  # the TLS files no longer load (ssl.SSLError is an OSError)
+            return f"TLS files of upstream_tls do not load: {error.strerror or error}"
 
 
 def _check_target(route: Route, upstream: Upstream) -> str:
