@@ -561,3 +561,50 @@ async def test_a_wss_upstream_requiring_a_client_certificate_gets_the_configured
         )
     finally:
         await server.stop()
+
+
+# -- several workers ------------------------------------------------------------------------------------
+
+
+@pytest.mark.serve_process
+async def test_workers_report_endpoint_sessions_summed_and_health_by_the_minimum(
+    tmp_path, pair, wsgate_process
+):
+    from test_workers import sessions_on_both, start_workers, until
+
+    a, b = pair
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        policy_text(
+            pool_route(pair, extra="health_check: {interval: 200ms, timeout: 200ms, rise: 1, fall: 1}")
+        )
+    )
+    workers = await start_workers(wsgate_process, policy)
+
+    async def merged() -> dict[tuple[str, str], float]:
+        _status, text = await workers.get("/metrics")
+        return {
+            (sample.name, sample.labels["endpoint"]): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if "endpoint" in sample.labels
+        }
+
+    async with aiohttp.ClientSession() as session:
+        opened = await sessions_on_both(session, workers)
+        found = await merged()
+        assert found[("wsgate_upstream_up", a.label())] == found[("wsgate_upstream_up", b.label())] == 1
+        live = found[("wsgate_upstream_sessions", a.label())] + found[("wsgate_upstream_sessions", b.label())]
+        assert live == len(opened) == a.sessions_open + b.sessions_open
+        await b.stop()
+        await until(lambda: _down(merged, b.label()), timeout=20, what="b down in the merged metrics")
+        found = await merged()
+        assert found[("wsgate_upstream_up", a.label())] == 1
+        for ws in opened:
+            await ws.close()
+    down = [entry for entry in workers.process.events("upstream.down") if entry["endpoint"] == b.label()]
+    assert {entry["worker"] for entry in down} == {0, 1}, "each worker judges its endpoints on its own"
+
+
+async def _down(merged: Any, label: str) -> bool:
+    return (await merged())[("wsgate_upstream_up", label)] == 0
