@@ -494,11 +494,15 @@ async def test_a_reload_keeps_active_checks_running_and_their_verdict(gateway, p
     gw = await gateway(pool_route(pair, extra=check))
     await b.stop()
     await log_events.wait_for("upstream.down", timeout=15, endpoint=b.label())
-    added = f"  - {{path: /other, upstream: '{a.url()}', auth: none}}\n"
-    gw.gateway.apply_policy(parse_policy(policy_text(pool_route(pair, extra=check) + added)))
+    new_check = check.replace("fall: 1", "fall: 2")  # a route added, and the checks' settings changed
+    added = f"  - {{path: /other, upstream: {{endpoints: ['{a.url('/probe')}'], {check}}}, auth: none}}\n"
+    gw.gateway.apply_policy(parse_policy(policy_text(pool_route(pair, extra=new_check) + added)))
     assert sample(await metrics(gw), "wsgate_upstream_up", route="/echo", endpoint=b.label()) == 0
     await asyncio.sleep(0.5)
     assert not log_events.named("upstream.up"), "b is not brought back by a reload"
+    assert any(record.path == "/probe" and is_probe(record) for record in a.records), (
+        "new endpoints are checked"
+    )
     await b.restart()
     await log_events.wait_for("upstream.up", timeout=15, endpoint=b.label())
     assert len(log_events.named("upstream.down")) == 1
