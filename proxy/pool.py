@@ -327,7 +327,7 @@ class Pools:
         except TimeoutError:
             return f"GET {check.path} got no answer within {check.timeout:g}s"
         except aiohttp.ClientError as error:
-            return f"GET {check.path} failed: {type(error).__name__}"
+            return f"GET {check.path} failed: {error or type(error).__name__}"
         except OSError as error:  # the TLS files no longer load (ssl.SSLError is an OSError)
             return f"TLS files of upstream_tls do not load: {error.strerror or error}"
 

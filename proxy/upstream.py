@@ -260,7 +260,8 @@ def _tls_context(
 
 
 def forget_tls_contexts() -> None:
-    """Drop the cached upstream TLS contexts, so the next connections read CA files again."""
+    """Drop the cached upstream TLS contexts, so the next connections read CA and client certificate
+    files again."""
     _tls_context.cache_clear()
 
 
