@@ -30,6 +30,7 @@ from proxy.limiter.redis import RedisLimiter
 from proxy.listener import LINGER_SECONDS, HandshakeProtocol
 from proxy.metrics import Metrics, build_registry
 from proxy.policy.model import Address, Policy
+from proxy.pool import Pools
 from proxy.reload import Reloader, enforce
 from proxy.request import HandshakeRequest
 from proxy.session_control import Selector, close_matching, close_request
@@ -78,6 +79,9 @@ class Gateway:
         self.cluster: Cluster | None = self._build_cluster(policy)
         #: Limiters replaced by a reload, closed once no session holds their slots.
         self._retired: set[RedisLimiter] = set()
+        #: The routes' upstream pools: endpoint health and sessions, kept across reloads.
+        self.pools = Pools()
+        self.metrics.upstream_endpoints = self.pools.endpoints
         self.registry = build_registry(self.metrics)
         self.pipeline = Pipeline(policy, self.limiter, on_jwks_refresh=self.metrics.jwks_refreshed)
         self.metrics.policy_loaded(policy)
@@ -111,6 +115,7 @@ class Gateway:
             metrics=self.metrics,
             upgraded=self._handshakes.discard,
             track=self.track,
+            pools=self.pools,
         )
 
     @property
@@ -144,6 +149,7 @@ class Gateway:
             raise
         self._acceptor = acceptor
         self._start_shared()
+        self.pools.apply(self.policy)
         acceptor.start()
         self._prefetch_keys()
         logs.event("gateway.mask", implementation=MASK_IMPLEMENTATION)
@@ -186,6 +192,7 @@ class Gateway:
             policy, self.limiter, previous=self.pipeline, on_jwks_refresh=self.metrics.jwks_refreshed
         )
         self.policy = policy
+        self.pools.apply(policy)
         self.metrics.policy_loaded(policy)
         self._prefetch_keys()
         self._warn(policy)
@@ -292,6 +299,7 @@ class Gateway:
                 self.abort_all()
         finally:
             await self.admin.stop()
+            await self.pools.close()
             await self._close_shared()
         logs.event("gateway.stopped", drained=drained, cut=0 if drained else live)
         self._stopped.set()

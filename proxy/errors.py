@@ -9,6 +9,7 @@ else::
     ├── StartupError        the gateway could not start serving: exit 1
     ├── Rejection           a handshake was refused: an HTTP status, a reason word and a JSON body
     ├── UpstreamError       the upstream could not be reached or refused the WebSocket: 502
+    │   └── UpstreamUnreachable  this endpoint failed (refused, timed out, TLS, 5xx): try the pool's next
     ├── ProxyHeaderError    the connection did not start with a valid PROXY header: 400
     ├── AdminRequestError   an admin API request refused as it stands (a bad selector or reason): 400
     ├── LimiterUnavailable  the shared limiter (Redis) could not decide in time and on_error is deny: 503
@@ -192,6 +193,12 @@ INTERNAL = RejectionTemplate(500, "internal_error", "internal error")
 
 class UpstreamError(WsgateError):
     """The upstream could not be connected or refused the WebSocket upgrade; the client gets 502."""
+
+
+class UpstreamUnreachable(UpstreamError):
+    """One endpoint could not be connected, closed during the handshake or answered 5xx: it is marked down
+    and the pool's next endpoint is tried. Other upstream errors (a 4xx, a 101 that does not fit) are the
+    upstream's answer to this request, and are not tried elsewhere."""
 
 
 class ProxyHeaderError(WsgateError):

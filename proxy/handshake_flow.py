@@ -31,6 +31,7 @@ from proxy.guards.slots import LimiterSlots
 from proxy.handshake import Admission, Pipeline
 from proxy.listener import HandshakeProtocol, http_response
 from proxy.metrics import NO_ROUTE, Metrics
+from proxy.pool import Endpoint, Pools
 from proxy.relay import start_relay
 from proxy.reload import enforce
 from proxy.request import ClientCertificate, HandshakeRequest
@@ -50,16 +51,19 @@ class HandshakeFlow:
         metrics: Metrics,
         upgraded: Callable[[HandshakeProtocol], None],
         track: Callable[[asyncio.Task[Any]], None],
+        pools: Pools | None = None,
     ) -> None:
         """``pipeline``: the current policy's pipeline (a reload replaces it); ``draining``: whether the
         gateway is stopping; ``upgraded``: told of a connection that got its 101 and is a handshake no more;
-        ``track``: keeps a background task referenced until it is done."""
+        ``track``: keeps a background task referenced until it is done; ``pools``: the routes' upstream
+        pools with their endpoints' health (kept across reloads)."""
         self._pipeline = pipeline
         self._draining = draining
         self._sessions = sessions
         self._metrics = metrics
         self._upgraded = upgraded
         self._track = track
+        self._pools = pools if pools is not None else Pools()
 
     async def run(self, connection: HandshakeProtocol, request: HandshakeRequest) -> None:
         """Take one request to a live session, or answer it with one refusal."""
@@ -134,7 +138,7 @@ class HandshakeFlow:
         admission = await pipeline.admit(request, slots, self._draining())
         connect_started = time.monotonic()
         try:
-            upstream = await connect_upstream(request, admission)
+            upstream = await connect_upstream(request, admission, self._pools.pool(admission.route))
         except UpstreamError as error:
             raise Rejection(502, "upstream_unavailable", str(error)) from None
         self._metrics.upstream_connected(admission.route.path, time.monotonic() - connect_started)
@@ -163,13 +167,14 @@ class HandshakeFlow:
         self._upgraded(connection)
         route = admission.route
         identity = admission.identity
+        endpoint = upstream.endpoint
         session = Session(
             asyncio.get_running_loop(),
             request_id=request.request_id,
             route=route,
             client_ip=admission.client_ip,
             subprotocol=upstream.subprotocol,
-            on_finish=self._session_finished,
+            on_finish=self._session_finished if endpoint is None else self._finished_on(endpoint),
             identity=identity,
             slots=slots if slots.held else None,  # most sessions hold none: keep no object for them
             request_path=request.path,
@@ -178,10 +183,14 @@ class HandshakeFlow:
             client_certificate=request.client_certificate,
         )
         self._sessions.add(session)
+        if endpoint is not None:
+            endpoint.sessions += 1  # given back by on_finish
         try:
             self._relay(session, connection, request, admission, upstream, started)
         except BaseException:
             self._sessions.remove(session)  # never relayed, so it would never finish by itself
+            if endpoint is not None:
+                endpoint.sessions -= 1
             raise
         return session
 
@@ -204,7 +213,7 @@ class HandshakeFlow:
             client_ip=admission.client_ip,
             route=route.path,
             host=request.host,
-            upstream=route.upstream.url,
+            upstream=upstream.endpoint.label if upstream.endpoint is not None else route.upstream.url,
             subprotocol=upstream.subprotocol,
             subject=identity.subject if identity else None,
             provider=identity.provider if identity else None,
@@ -220,6 +229,15 @@ class HandshakeFlow:
             upstream.pending,
             upstream.handshake.lost,
         )
+
+    def _finished_on(self, endpoint: Endpoint) -> Callable[[Session], None]:
+        """A session's end that also gives its endpoint's session count back."""
+
+        def finished(session: Session) -> None:
+            endpoint.sessions -= 1
+            self._session_finished(session)
+
+        return finished
 
     def _session_finished(self, session: Session) -> None:
         self._sessions.remove(session)

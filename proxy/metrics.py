@@ -4,7 +4,8 @@ Nothing here runs per relayed message. Message and byte counts live on the relay
 attributes (the relay bumps them anyway); this module reads them from live sessions at scrape time and folds
 them into per-route totals when a session ends. Everything else counted here happens once per handshake,
 session or reload. Labels stay low-cardinality: route (the policy's route path), reason, direction, code,
-initiator, rule, provider, result; never an IP, a user or a token.
+initiator, rule, provider, result, and the upstream endpoints the policy names; never a client's IP, a
+user or a token.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from proxy.rules import Rule
 
 if TYPE_CHECKING:
     from proxy.policy.model import Policy
+    from proxy.pool import Endpoint
     from proxy.sessions import Session
 
 #: Route label for what happened before a route was known (no route matched, unreadable request).
@@ -142,6 +144,8 @@ class Metrics:
         self.draining = False
         #: Where the limiter counts (``memory`` or ``redis``) and whether it can decide now.
         self.limiter_state: Callable[[], tuple[str, bool]] = lambda: ("memory", True)
+        #: Every route's upstream endpoints with their health and sessions (:mod:`proxy.pool`).
+        self.upstream_endpoints: Callable[[], Iterable[Endpoint]] = lambda: ()
 
     def route(self, path: str) -> RouteCounters:
         counters = self.routes.get(path)
@@ -346,9 +350,36 @@ class WsgateCollector(Collector):
         gauge.add_metric([backend], int(up))
         yield gauge
 
+        yield from _endpoint_families(list(metrics.upstream_endpoints()))
+
         yield GaugeMetricFamily(
             "wsgate_draining", "1 while the gateway drains for shutdown.", value=int(metrics.draining)
         )
+
+
+def _endpoint_families(endpoints: list[Endpoint]) -> Iterator[Metric]:
+    labels = ["route", "endpoint"]
+    up = GaugeMetricFamily(
+        "wsgate_upstream_up",
+        "1 while an upstream endpoint takes new sessions; 0 while failed connects or checks hold it out.",
+        labels=labels,
+    )
+    sessions = GaugeMetricFamily(
+        "wsgate_upstream_sessions", "Live sessions relayed to an upstream endpoint.", labels=labels
+    )
+    failures = CounterMetricFamily(
+        "wsgate_upstream_connect_failures",
+        "Connects to an upstream endpoint that failed (refused, timed out, TLS, closed, 5xx).",
+        labels=labels,
+    )
+    for endpoint in endpoints:
+        series = [endpoint.route, endpoint.label]
+        up.add_metric(series, int(endpoint.up))
+        sessions.add_metric(series, endpoint.sessions)
+        failures.add_metric(series, endpoint.connect_failures)
+    yield up
+    yield sessions
+    yield failures
 
 
 def build_registry(metrics: Metrics) -> CollectorRegistry:

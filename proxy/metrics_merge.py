@@ -7,8 +7,9 @@ and merges samples that have the same name and labels:
   open file descriptors and memory are totals over the processes);
 * ``*_timestamp_seconds`` (when a policy was loaded), ``process_max_fds`` and ``wsgate_draining``: the
   **maximum** (the latest reload; a limit per process, not a total; draining if any worker is);
-* ``process_start_time_seconds`` and ``wsgate_limiter_up``: the **minimum** (the oldest process; the limiter
-  is up only if it is up in every worker);
+* ``process_start_time_seconds``, ``wsgate_limiter_up`` and ``wsgate_upstream_up``: the **minimum** (the
+  oldest process; the limiter, or an upstream endpoint, is up only if it is up in every worker: each
+  worker judges its endpoints' health on its own);
 * ``*_info`` gauges (``wsgate_policy_info``, ``python_info``): **one series per distinct labels, value 1**:
   two hashes side by side mean the workers do not all run the same policy (a reload under way, or one
   refused by some).
@@ -32,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 _MAXIMUM = frozenset({"process_max_fds", "wsgate_draining"})
-_MINIMUM = frozenset({"process_start_time_seconds", "wsgate_limiter_up"})
+_MINIMUM = frozenset({"process_start_time_seconds", "wsgate_limiter_up", "wsgate_upstream_up"})
 
 _Labels = tuple[tuple[str, str], ...]
 

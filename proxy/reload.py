@@ -80,8 +80,9 @@ def referenced_files(policy: Policy) -> list[Path]:
             files.append(Path(policy.listen.tls.client_ca))
     files += [provider.public_key_file for provider in policy.auth if provider.public_key_file is not None]
     for route in policy.routes:
-        if route.upstream.ca_file is not None:
-            files.append(Path(route.upstream.ca_file))
+        tls = route.upstream_tls
+        if tls is not None:
+            files += [file for file in (tls.ca_file, tls.cert_file, tls.key_file) if file is not None]
         for rules in (route.client_rules, route.upstream_rules):
             if rules is not None and rules.schema_file is not None:
                 files.append(rules.schema_file)

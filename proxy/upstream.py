@@ -8,21 +8,26 @@ honest 502 rather than a 101 followed by a close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import socket
 import ssl
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import cast
+from typing import TYPE_CHECKING, cast
 from urllib.parse import unquote_plus
 
 import h11
 
-from proxy.errors import UpstreamError
-from proxy.frames import accept_key, new_client_key
+from proxy.errors import CloseCode, UpstreamError, UpstreamUnreachable
+from proxy.frames import Opcode, accept_key, close_payload, encode_frame, new_client_key
 from proxy.handshake import Admission, HandshakeRequest
 from proxy.headers import header_value, subprotocol_list, without_cookie
-from proxy.policy.model import AuthProvider, Route, Upstream
+from proxy.policy.model import AuthProvider, Upstream
+
+if TYPE_CHECKING:
+    from proxy.pool import Endpoint, RoutePool
 
 #: Hop-by-hop headers (RFC 9110 7.6.1) and the handshake's own headers: never copied from one hop to the next.
 _NOT_FORWARDED = frozenset(
@@ -70,6 +75,8 @@ class UpstreamConnection:
     response_headers: list[tuple[str, str]]
     #: Bytes that arrived right behind the 101.
     pending: bytes
+    #: The pool endpoint it went to (None for a health check's connection).
+    endpoint: Endpoint | None = None
 
 
 def _header_value(value: object) -> str:
@@ -177,6 +184,8 @@ class UpstreamHandshake(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop, target: str, headers: list[tuple[str, str]]) -> None:
         self.done: asyncio.Future[tuple[int, list[tuple[str, str]], bytes]] = loop.create_future()
         self.lost = False
+        #: Resolved when the connection is gone (a health check waits on it after its close frame).
+        self.closed: asyncio.Future[None] = loop.create_future()
         self._parser = h11.Connection(h11.CLIENT)
         # Header text is latin-1 for the bytes it stands for (as the listener decoded them); h11 would
         # encode str as ASCII and fail on a client's non-ASCII header, so hand it the exact bytes.
@@ -214,17 +223,25 @@ class UpstreamHandshake(asyncio.Protocol):
                 self.done.set_result((101, headers, bytes(pending)))
                 return
             if isinstance(event, h11.Response):
-                self._fail(f"upstream answered HTTP {event.status_code} instead of 101")
+                # 5xx: this endpoint is failing, another may serve; else the upstream's answer to this request
+                self._fail(
+                    f"upstream answered HTTP {event.status_code} instead of 101",
+                    UpstreamUnreachable if event.status_code >= 500 else UpstreamError,
+                )
                 return
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if not self.closed.done():
+            self.closed.set_result(None)
         if not self.done.done():
-            self.done.set_exception(UpstreamError("upstream closed the connection during the handshake"))
+            self.done.set_exception(
+                UpstreamUnreachable("upstream closed the connection during the handshake")
+            )
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str, error: type[UpstreamError] = UpstreamUnreachable) -> None:
         if not self.done.done():
-            self.done.set_exception(UpstreamError(message))
+            self.done.set_exception(error(message))
 
 
 _SKIP_IN_101 = _NOT_FORWARDED | {"date", "server"}
@@ -248,35 +265,47 @@ def _check_101(
 
 
 @lru_cache(maxsize=32)
-def _tls_context(ca_file: str | None, insecure_skip_verify: bool) -> ssl.SSLContext:
+def _tls_context(
+    ca_file: str | None, insecure_skip_verify: bool, cert_file: str | None, key_file: str | None
+) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=ca_file)
     if insecure_skip_verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
+    if cert_file is not None:
+        context.load_cert_chain(cert_file, key_file)
     return context
 
 
 def forget_tls_contexts() -> None:
-    """Drop the cached upstream TLS contexts, so the next connections read CA files again."""
+    """Drop the cached upstream TLS contexts, so the next connections read CA and client certificate
+    files again."""
     _tls_context.cache_clear()
 
 
 def upstream_tls_context(upstream: Upstream) -> ssl.SSLContext | None:
-    """The client TLS context for a wss:// upstream: the system CAs, a ``ca_file``, or (tests only) none."""
+    """The client TLS context for a wss:// upstream: the system CAs, a ``ca_file``, or (tests only) none;
+    with the client certificate of ``upstream_tls.cert`` when one is set.
+
+    Raises:
+        OSError, ssl.SSLError: a file no longer loads (it changed since the policy was loaded).
+    """
     if not upstream.secure:
         return None
     ca_file = str(upstream.ca_file) if upstream.ca_file is not None else None
-    return _tls_context(ca_file, upstream.insecure_skip_verify)
+    cert = str(upstream.cert_file) if upstream.cert_file is not None else None
+    key = str(upstream.key_file) if upstream.key_file is not None else None
+    return _tls_context(ca_file, upstream.insecure_skip_verify, cert, key)
 
 
-def _describe(error: BaseException, route: Route, timeout: float) -> str:
-    target = f"{route.upstream.host}:{route.upstream.port}"
+def _describe(error: BaseException, upstream: Upstream, timeout: float) -> str:
+    target = f"{upstream.host}:{upstream.port}"
     if isinstance(error, TimeoutError):
-        return f"upstream {target} did not complete the handshake within {timeout:g}s"
+        return f"upstream {target} did not complete the handshake within {round(timeout, 3):g}s"
     if isinstance(error, ConnectionRefusedError):
         return f"upstream {target} refused the connection"
     if isinstance(error, socket.gaierror):
-        return f"upstream host {route.upstream.host} could not be resolved"
+        return f"upstream host {upstream.host} could not be resolved"
     if isinstance(error, ssl.SSLCertVerificationError):
         return f"upstream {target} TLS certificate not trusted: {error.verify_message}"
     if isinstance(error, ssl.SSLError):
@@ -286,23 +315,25 @@ def _describe(error: BaseException, route: Route, timeout: float) -> str:
     return str(error)
 
 
-async def connect_upstream(request: HandshakeRequest, admission: Admission) -> UpstreamConnection:
-    """Open the route's upstream and complete its WebSocket handshake within ``upstream_connect_timeout``.
-
-    Raises:
-        UpstreamError: with a short sentence naming the cause (refused, timed out, TLS, bad answer).
-    """
-    route = admission.route
-    upstream = route.upstream
-    loop = asyncio.get_running_loop()
-    key = new_client_key()
+def _host_header(upstream: Upstream) -> str:
     default_port = 443 if upstream.secure else 80
     host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
-    host_header = host if upstream.port == default_port else f"{host}:{upstream.port}"
-    offered = offered_subprotocols(request, admission.providers)
-    headers = upstream_request_headers(request, admission, host_header, key, offered)
-    target = route.upstream_target(request.path, upstream_query(request, admission.providers))
-    timeout = route.limits.upstream_connect_timeout
+    return host if upstream.port == default_port else f"{host}:{upstream.port}"
+
+
+async def _open(
+    upstream: Upstream, target: str, headers: list[tuple[str, str]], timeout: float
+) -> tuple[asyncio.Transport, UpstreamHandshake, list[tuple[str, str]], bytes]:
+    """TCP (or TLS) to ``upstream`` and its answer to the handshake request, within ``timeout``.
+
+    The host is resolved again by every connect, and each address it resolves to is tried in turn (both
+    asyncio's and uvloop's ``create_connection`` do this when given a name).
+
+    Raises:
+        UpstreamUnreachable: no connection, no TLS, no answer in time, closed, invalid HTTP or a 5xx.
+        UpstreamError: an answer other than 101 that is not a 5xx.
+    """
+    loop = asyncio.get_running_loop()
     transport: asyncio.Transport | None = None
     try:
         async with asyncio.timeout(timeout):
@@ -314,17 +345,116 @@ async def connect_upstream(request: HandshakeRequest, admission: Admission) -> U
                 server_hostname=upstream.host if upstream.secure else None,
             )
             _status, response_headers, pending = await protocol.done
-        subprotocol, passed = _check_101(response_headers, key, offered)
     except UpstreamError:
         if transport is not None:
             transport.abort()
         raise
-    except (OSError, TimeoutError) as error:
+    except (OSError, TimeoutError) as error:  # ssl.SSLError is an OSError
         if transport is not None:
             transport.abort()
-        raise UpstreamError(_describe(error, route, timeout)) from error
+        raise UpstreamUnreachable(_describe(error, upstream, timeout)) from error
     except BaseException:
         if transport is not None:
             transport.abort()
         raise
+    return transport, protocol, response_headers, pending
+
+
+async def _connect_endpoint(
+    request: HandshakeRequest, admission: Admission, upstream: Upstream, offered: list[str], timeout: float
+) -> UpstreamConnection:
+    """One endpoint's WebSocket handshake within ``timeout``.
+
+    Raises:
+        UpstreamUnreachable: the endpoint failed (see :func:`_open`).
+        UpstreamError: it answered this request with something else than a valid 101.
+    """
+    key = new_client_key()
+    headers = upstream_request_headers(request, admission, _host_header(upstream), key, offered)
+    target = admission.route.upstream_target(
+        request.path, upstream_query(request, admission.providers), upstream
+    )
+    transport, protocol, response_headers, pending = await _open(upstream, target, headers, timeout)
+    try:
+        subprotocol, passed = _check_101(response_headers, key, offered)
+    except BaseException:
+        transport.abort()
+        raise
     return UpstreamConnection(transport, protocol, subprotocol, passed, pending)
+
+
+async def connect_upstream(
+    request: HandshakeRequest, admission: Admission, pool: RoutePool
+) -> UpstreamConnection:
+    """Open one of the route's endpoints and complete its WebSocket handshake, all within the route's
+    ``upstream_connect_timeout``.
+
+    Endpoints are tried in the pool's order (:meth:`~proxy.pool.RoutePool.order`); each attempt gets an
+    equal share of the time left among the endpoints left (a pool of one: the whole timeout), so a dead
+    endpoint that swallows packets cannot use up the deadline. A failed endpoint is marked down and the
+    next is tried; an answer that is not a 5xx is the upstream's answer to this request and is not tried
+    elsewhere.
+
+    Raises:
+        UpstreamError: with a short sentence naming the cause (refused, timed out, TLS, bad answer); for a
+            pool of several, each endpoint's.
+    """
+    loop = asyncio.get_running_loop()
+    offered = offered_subprotocols(request, admission.providers)
+    timeout = admission.route.limits.upstream_connect_timeout
+    deadline = loop.time() + timeout
+    identity = admission.identity
+    order = pool.order(admission.client_ip, identity.subject if identity is not None else None)
+    failures: list[str] = []
+    for index, endpoint in enumerate(order):
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            failures.append(f"{endpoint.label} not tried: upstream_connect_timeout ({timeout:g}s) passed")
+            break
+        share = (timeout if index == 0 else remaining) / (len(order) - index)
+        endpoint.connecting += 1
+        try:
+            connection = await _connect_endpoint(request, admission, endpoint.upstream, offered, share)
+        except UpstreamUnreachable as error:
+            endpoint.connect_failed(str(error))
+            failures.append(str(error))
+            continue
+        finally:
+            endpoint.connecting -= 1
+        endpoint.connect_succeeded()
+        connection.endpoint = endpoint
+        return connection
+    if len(order) == 1:
+        raise UpstreamError(failures[0])
+    raise UpstreamError(f"no endpoint of {len(order)} answered: " + "; ".join(failures))
+
+
+async def probe_websocket(upstream: Upstream, target: str, timeout: float) -> str | None:
+    """An active health check by WebSocket handshake: None when ``upstream`` answered 101 within
+    ``timeout`` (then it is sent a close 1000, and given the rest of the time to close), else why not."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    key = new_client_key()
+    headers = [
+        ("host", _host_header(upstream)),
+        ("upgrade", "websocket"),
+        ("connection", "Upgrade"),
+        ("sec-websocket-key", key),
+        ("sec-websocket-version", "13"),
+        ("user-agent", "wsgate-health-check"),
+    ]
+    try:
+        transport, protocol, response_headers, _pending = await _open(upstream, target, headers, timeout)
+    except UpstreamError as error:
+        return str(error)
+    try:
+        if header_value(response_headers, "sec-websocket-accept") != accept_key(key):
+            return "upstream Sec-WebSocket-Accept does not match the key sent"
+        transport.write(encode_frame(Opcode.CLOSE, close_payload(CloseCode.NORMAL), os.urandom(4)))
+        transport.resume_reading()  # its close frame, then its FIN
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                await protocol.closed
+        return None
+    finally:
+        transport.abort()

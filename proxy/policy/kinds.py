@@ -171,6 +171,28 @@ def read_upstream(source: Source, node: yaml.Node, path: str) -> Upstream:
     )
 
 
+def read_upstream_list(source: Source, node: yaml.Node, path: str) -> tuple[Upstream, ...]:
+    """A pool's endpoints: at least one, all ws:// or all wss:// (one ``upstream_tls`` verifies them
+    all), no endpoint twice (compared by :attr:`Upstream.label`: ``ws://a`` is ``ws://a:80``)."""
+    endpoints: list[Upstream] = []
+    first_line: dict[str, int] = {}
+    for item, item_path in items(source, node, path):
+        endpoint = read_upstream(source, item, item_path)
+        if endpoints and endpoint.secure != endpoints[0].secure:
+            source.fail(item, item_path, "mixes ws:// and wss:// endpoints; a pool is all one or the other")
+        if endpoint.label in first_line:
+            source.fail(
+                item,
+                item_path,
+                f"duplicate endpoint {endpoint.label} (first at line {first_line[endpoint.label]})",
+            )
+        first_line[endpoint.label] = item.start_mark.line + 1
+        endpoints.append(endpoint)
+    if not endpoints:
+        source.fail(node, path, "name at least one endpoint")
+    return tuple(endpoints)
+
+
 def read_http_url(source: Source, node: yaml.Node, path: str) -> str:
     url = read_str(source, node, path)
     if urlsplit(url).scheme not in ("http", "https"):
@@ -231,6 +253,13 @@ def read_auth_names(source: Source, node: yaml.Node, path: str) -> tuple[str, ..
     if not names:
         source.fail(node, path, "name at least one provider, or write 'auth: none' for an open route")
     return tuple(names)
+
+
+def read_request_target(source: Source, node: yaml.Node, path: str) -> str:
+    target = read_str(source, node, path)
+    if not target.startswith("/") or any(char in target for char in "# \t\r\n"):
+        source.fail(node, path, "expected a path starting with / (a query may follow; no # or spaces)")
+    return target
 
 
 def read_tls_version(source: Source, node: yaml.Node, path: str) -> str:
@@ -405,6 +434,12 @@ def section(cls: type, scope: Scope | None = None) -> Kind:
     return Kind("mapping", section=cls, scope=scope, show=lambda value: "")
 
 
+def section_or(cls: type, scalar: Kind) -> Kind:
+    """A value of kind ``scalar`` (its short form), or a nested mapping whose keys ``cls`` declares; the
+    section's reader (in the loader) takes both forms."""
+    return Kind(f"{scalar.name}, or a mapping", section=cls, schema=scalar.schema, show=lambda value: "")
+
+
 def section_list(cls: type) -> Kind:
     """A list of mappings whose keys ``cls`` declares."""
     return Kind("list of mappings", section=cls, many="list", show=lambda value: "")
@@ -449,6 +484,11 @@ ADDRESS = Kind(
 )
 NETWORKS = Kind("CIDR or list", read_networks, _CIDRS)
 UPSTREAM_URL = Kind("ws:// or wss:// URL", read_upstream, {"type": "string", "pattern": "^wss?://[^#]+$"})
+UPSTREAM_URLS = Kind(
+    "list of ws:// or wss:// URLs",
+    read_upstream_list,
+    {"type": "array", "items": {"type": "string", "pattern": "^wss?://[^#]+$"}, "minItems": 1},
+)
 REDIS_URL = Kind(
     "redis:// or rediss:// URL", read_redis_url, {"type": "string", "pattern": "^rediss?://[^:@/]"}
 )
@@ -460,6 +500,7 @@ AUTH_NAMES = Kind(
     {"anyOf": [_STRING, {"type": "array", "items": _STRING, "minItems": 1, "uniqueItems": True}]},
     show=lambda value: ", ".join(value) if value else "none",
 )
+REQUEST_TARGET = Kind("path[?query]", read_request_target, {"type": "string", "pattern": "^/[^# \t\r\n]*$"})
 TLS_VERSION = Kind('"1.2" / "1.3"', read_tls_version, {"enum": ["1.2", "1.3", 1.2, 1.3]})
 ALGORITHM_LIST = Kind(
     "algorithms",

@@ -29,10 +29,12 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from proxy.algorithms import HMAC_ALGORITHMS, KEY_TYPE_ALGORITHMS
 from proxy.errors import PolicyError
 from proxy.policy.declare import Declared, Kind, Scope, declarations
+from proxy.policy.kinds import read_upstream
 from proxy.policy.model import (
     Address,
     AuthProvider,
     CertificatePair,
+    HealthCheck,
     Limits,
     Listen,
     MessageRate,
@@ -41,6 +43,7 @@ from proxy.policy.model import (
     RedisLimiter,
     Route,
     TlsListen,
+    UpstreamPool,
     UpstreamTls,
 )
 from proxy.policy.nodes import Section, Source, items
@@ -211,6 +214,41 @@ def _tls(source: Source, node: yaml.Node, path: str, name: str | None) -> TlsLis
     return tls
 
 
+def _upstream_tls(source: Source, node: yaml.Node, path: str, name: str | None) -> UpstreamTls:
+    values, section = read_keys(source, node, path, UpstreamTls)
+    tls = UpstreamTls(**values)
+    if (tls.cert_file is None) != (tls.key_file is None):
+        section.fail("cert" if tls.cert_file is not None else "key", "cert and key go together")
+    if tls.cert_file is not None:
+        try:  # a pair that does not load would otherwise surface only at the first connect
+            ssl.create_default_context().load_cert_chain(tls.cert_file, tls.key_file)
+        except (ssl.SSLError, OSError) as error:
+            section.fail("cert", f"cannot load the certificate and key: {error.strerror or error}")
+    return tls
+
+
+def _upstream_pool(source: Source, node: yaml.Node, path: str, name: str | None) -> UpstreamPool:
+    """``upstream: URL`` (a pool of one) or ``upstream: {endpoints: [...], balance, health_check}``."""
+    if isinstance(node, yaml.ScalarNode):
+        return UpstreamPool(endpoints=(read_upstream(source, node, path),))
+    values, _section = read_keys(source, node, path, UpstreamPool)
+    return UpstreamPool(**values)
+
+
+def _health_check(source: Source, node: yaml.Node, path: str, name: str | None) -> HealthCheck:
+    values, section = read_keys(source, node, path, HealthCheck)
+    check = HealthCheck(**values)
+    if "timeout" not in values:
+        check = replace(check, timeout=min(check.timeout, check.interval))
+    if check.timeout > check.interval:
+        where = "timeout" if "timeout" in section else "interval"
+        section.fail(
+            where,
+            f"a check's timeout ({check.timeout:g}s) must not exceed its interval ({check.interval:g}s)",
+        )
+    return check
+
+
 #: Bursts and the rates they belong to: a burst set where no rate applies does nothing, and is warned about.
 _BURSTS = (
     ("handshake_burst", "handshakes_per_ip"),
@@ -259,13 +297,27 @@ def _route(
         source, node, path, Route, skip=frozenset({"limits", "client_rules", "upstream_rules"})
     )
     _check_route_auth(section, values["auth"], providers)
+    pool: UpstreamPool = values["upstream"]
+    if pool.balance == "hash_subject" and not values["auth"]:
+        upstream = Section(
+            source, section.node_of("upstream"), section.child("upstream"), section_keys(UpstreamPool)
+        )
+        upstream.fail("balance", "hash_subject needs a token subject: this route is auth: none")
     tls: UpstreamTls | None = values.get("upstream_tls")
     if tls is not None:
-        if not values["upstream"].secure:
+        if not pool.secure:
             section.fail("upstream_tls", "only for a wss:// upstream")
-        values["upstream"] = replace(
-            values["upstream"], ca_file=tls.ca_file, insecure_skip_verify=tls.insecure_skip_verify
+        endpoints = tuple(
+            replace(
+                endpoint,
+                ca_file=tls.ca_file,
+                insecure_skip_verify=tls.insecure_skip_verify,
+                cert_file=tls.cert_file,
+                key_file=tls.key_file,
+            )
+            for endpoint in pool.endpoints
         )
+        values["upstream"] = replace(pool, endpoints=endpoints)
     route_limits, own = limits, frozenset[str]()
     if "limits" in section:
         route_limits, own = read_limits(
@@ -431,6 +483,9 @@ _SECTIONS: dict[type, Any] = {
     CertificatePair: _certificate_pair,
     AuthProvider: _provider,
     RedisLimiter: _redis,
+    UpstreamPool: _upstream_pool,
+    UpstreamTls: _upstream_tls,
+    HealthCheck: _health_check,
 }
 
 

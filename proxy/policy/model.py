@@ -46,6 +46,7 @@ __all__ = [
     "Firewall",
     "FirewallRule",
     "ForwardClientCertificate",
+    "HealthCheck",
     "IPAddress",
     "IPNetwork",
     "LimiterSettings",
@@ -62,6 +63,7 @@ __all__ = [
     "SubjectPattern",
     "TlsListen",
     "Upstream",
+    "UpstreamPool",
     "UpstreamTls",
 ]
 
@@ -335,7 +337,7 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamTls:
-    """How a wss:// upstream's certificate is verified."""
+    """How a wss:// upstream's certificate is verified, and the client certificate wsgate presents."""
 
     ca_file: Path | None = key(
         None,
@@ -346,6 +348,92 @@ class UpstreamTls:
     insecure_skip_verify: bool = key(
         False, kind=kinds.BOOL, help="do not verify the upstream's certificate (tests only)", scopes=ROUTE
     )
+    cert_file: Path | None = key(
+        None,
+        name="cert",
+        kind=kinds.FILE,
+        help="PEM client certificate (chain) presented to an upstream that asks for one; needs key",
+        scopes=ROUTE,
+    )
+    key_file: Path | None = key(
+        None, name="key", kind=kinds.FILE, help="PEM private key of cert", scopes=ROUTE
+    )
+
+
+#: How a pool picks the endpoint of a new session (see :mod:`proxy.pool`).
+Balance = Literal["round_robin", "least_connections", "hash_client_ip", "hash_subject"]
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """An active check of every endpoint of a pool, HAProxy style: ``fall`` failed checks in a row take an
+    endpoint out, ``rise`` passed ones bring it back."""
+
+    interval: float = key(
+        5.0,
+        kind=kinds.DURATION,
+        help="time between two checks of one endpoint",
+        scopes=ROUTE,
+        minimum=0.1,
+        bounds="must be at least 100ms",
+    )
+    timeout: float = key(
+        2.0,
+        kind=kinds.DURATION,
+        help="one check (connect, TLS, answer) within this, else it failed; at most interval",
+        scopes=ROUTE,
+        check=_above_zero,
+        default_text="2s, or interval if shorter",
+    )
+    path: str | None = key(
+        None,
+        kind=kinds.REQUEST_TARGET,
+        help="HTTP GET of this path, 2xx/3xx: passed (unset: a WebSocket handshake, 101: passed)",
+        scopes=ROUTE,
+    )
+    rise: int = key(
+        2, kind=kinds.COUNT, help="passed checks in a row that bring an endpoint back", scopes=ROUTE
+    )
+    fall: int = key(
+        3, kind=kinds.COUNT, help="failed checks in a row that take an endpoint out", scopes=ROUTE
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamPool:
+    """Where a route's sessions go: one endpoint (``upstream: URL``) or several, with how one is picked
+    and, optionally, an active health check. Health itself is runtime state (:mod:`proxy.pool`)."""
+
+    endpoints: tuple[Upstream, ...] = key(
+        kind=kinds.UPSTREAM_URLS,
+        help="the endpoints, all ws:// or all wss://, each path replacing the route's as a single URL's does",
+        scopes=ROUTE,
+        required=True,
+    )
+    balance: Balance = key(
+        "round_robin",
+        kind=kinds.choice("round_robin", "least_connections", "hash_client_ip", "hash_subject"),
+        help="how a session's endpoint is picked (hash_*: the same client or subject stays on one endpoint)",
+        scopes=ROUTE,
+    )
+    health_check: HealthCheck | None = key(
+        None,
+        kind=kinds.section(HealthCheck),
+        help="check every endpoint actively (unset: health is judged from connects alone)",
+        scopes=ROUTE,
+    )
+
+    @property
+    def secure(self) -> bool:
+        """Whether the endpoints are wss:// (the loader makes them all one or the other)."""
+        return self.endpoints[0].secure
+
+    @property
+    def url(self) -> str:
+        """The pool as people read it: its one URL, or its endpoints' labels joined."""
+        if len(self.endpoints) == 1:
+            return self.endpoints[0].url
+        return ", ".join(endpoint.label for endpoint in self.endpoints)
 
 
 @dataclass(frozen=True, slots=True)
@@ -481,9 +569,9 @@ class Route:
         required=True,
         hint=" (use 'auth: none' for an open route)",
     )
-    upstream: Upstream = key(
-        kind=kinds.UPSTREAM_URL,
-        help="where sessions go; its path replaces the route's (nginx proxy_pass style)",
+    upstream: UpstreamPool = key(
+        kind=kinds.section_or(UpstreamPool, kinds.UPSTREAM_URL),
+        help="where sessions go: a URL whose path replaces the route's (nginx proxy_pass style), or a pool",
         scopes=ROUTE,
         required=True,
     )
@@ -614,13 +702,13 @@ class Route:
         prefix = self.path if self.path.endswith("/") else self.path + "/"
         return request_path.startswith(prefix)
 
-    def upstream_target(self, request_path: str, query: str) -> str:
-        """The request target sent upstream, nginx ``proxy_pass`` style.
+    def upstream_target(self, request_path: str, query: str, endpoint: Upstream | None = None) -> str:
+        """The request target sent to ``endpoint`` (default: the pool's first), nginx ``proxy_pass`` style.
 
         An upstream URL without a path gets the client's path unchanged; one with a path gets that path, plus
         whatever followed the route's prefix. The upstream URL's query comes first, then the client's.
         """
-        upstream = self.upstream
+        upstream = endpoint if endpoint is not None else self.upstream.endpoints[0]
         if not upstream.path:
             path = request_path
         elif self.match == "prefix" and request_path != self.path:

@@ -17,6 +17,7 @@ from proxy.policy.model import (
     CertificatePair,
     Firewall,
     ForwardClientCertificate,
+    HealthCheck,
     LimiterSettings,
     Limits,
     Listen,
@@ -27,6 +28,7 @@ from proxy.policy.model import (
     Revocation,
     Route,
     TlsListen,
+    UpstreamPool,
     UpstreamTls,
 )
 
@@ -39,6 +41,8 @@ SECTION_CLASSES: tuple[type, ...] = (
     Limits,
     Route,
     ForwardClientCertificate,
+    UpstreamPool,
+    HealthCheck,
     UpstreamTls,
     MessageRules,
     Firewall,
@@ -82,7 +86,9 @@ def _value_schema(kind: Kind, declared: Declared, defs: dict[str, Any]) -> dict[
     if name not in defs:
         defs[name] = {}  # reserved first: a section may (some day) hold itself
         defs[name] = _object(kind.section, kind.scope, defs)
-    reference = {"$ref": f"#/$defs/{name}"}
+    reference: dict[str, Any] = {"$ref": f"#/$defs/{name}"}
+    if kind.schema:  # a short form besides the mapping (``upstream: URL``)
+        return {"anyOf": [dict(kind.schema), reference]}
     if kind.many == "list":
         return {"type": "array", "items": reference, "minItems": 1}
     if kind.many == "map":
@@ -151,6 +157,8 @@ def _rows(
                 where = _where(declared)
                 yield f"| `{path}` | mapping | {declared.default_text} | {where} | {key.help}: {keys} |"
                 continue
+            if kind.schema:  # a short form besides the mapping: the key has a row of its own
+                yield f"| `{path}` | {kind.name} | {_required(declared)} | {_where(declared)} | {key.help} |"
             yield from _rows(kind.section, path + ".", kind.scope, seen)
             continue
         default = declared.default_text
@@ -159,6 +167,10 @@ def _rows(
             default = f"{default} (required in `{prefix}{parent}`)" if parent else "(required)"
         where, what = _where(declared), _bounds(declared) + key.help
         yield f"| `{path}` | {kind.name} | {default} | {where} | {what} |"
+
+
+def _required(declared: Declared) -> str:
+    return "(required)" if declared.key.required else declared.default_text
 
 
 def _where(declared: Declared) -> str:

@@ -34,7 +34,8 @@ class Address:
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
-    """Where a route's sessions go: a ws:// or wss:// URL split into what the connector needs."""
+    """One place a route's sessions go (an endpoint of its pool): a ws:// or wss:// URL split into what the
+    connector needs."""
 
     url: str = derived("the route's upstream URL")
     secure: bool = derived("the URL's scheme, wss://")
@@ -48,6 +49,16 @@ class Upstream:
     #: at all (tests only). Copied from the route's ``upstream_tls`` for the connector.
     ca_file: Path | None = derived("routes[].upstream_tls.ca_file", None)
     insecure_skip_verify: bool = derived("routes[].upstream_tls.insecure_skip_verify", False)
+    #: For wss://: the client certificate (and its key) wsgate presents to an upstream that asks for one.
+    cert_file: Path | None = derived("routes[].upstream_tls.cert", None)
+    key_file: Path | None = derived("routes[].upstream_tls.key", None)
+
+    @property
+    def label(self) -> str:
+        """The endpoint as metrics and logs name it: scheme, host, port and path, never its query (which
+        may carry a secret). Two endpoints of one pool never share a label (the loader refuses that)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'wss' if self.secure else 'ws'}://{host}:{self.port}{self.path}"
 
 
 @dataclass(frozen=True, slots=True)

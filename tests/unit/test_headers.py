@@ -19,7 +19,7 @@ from proxy.headers import (
     subprotocol_list,
     without_cookie,
 )
-from proxy.policy.model import AuthProvider, Limits, Route, Upstream
+from proxy.policy.model import AuthProvider, Limits, Route, Upstream, UpstreamPool
 from proxy.request import HandshakeRequest
 from proxy.upstream import offered_subprotocols, upstream_request_headers
 
@@ -116,7 +116,13 @@ def _request(headers: list[tuple[str, str]]) -> HandshakeRequest:
 
 def _admission(provider: AuthProvider) -> Admission:
     upstream = Upstream(url="ws://127.0.0.1:9/", secure=False, host="127.0.0.1", port=9, path="", query="")
-    route = Route(path="/chat", match="prefix", upstream=upstream, auth=(provider.name,), limits=Limits())
+    route = Route(
+        path="/chat",
+        match="prefix",
+        upstream=UpstreamPool(endpoints=(upstream,)),
+        auth=(provider.name,),
+        limits=Limits(),
+    )
     return Admission(route=route, client_ip="192.0.2.1", forwarded_for="192.0.2.1", providers=(provider,))
 
 

@@ -114,9 +114,9 @@ routes:
   - {path: /chat/exact, upstream: 'ws://exact', auth: none}
 """
     )
-    assert policy.match_route("/chat/room/1").upstream.host == "svc"
-    assert policy.match_route("/chat/admin/x").upstream.host == "admin"
-    assert policy.match_route("/chat/exact").upstream.host == "exact"
+    assert policy.match_route("/chat/room/1").upstream.endpoints[0].host == "svc"
+    assert policy.match_route("/chat/admin/x").upstream.endpoints[0].host == "admin"
+    assert policy.match_route("/chat/exact").upstream.endpoints[0].host == "exact"
     assert policy.match_route("/chatroom") is None
     route = policy.match_route("/chat/room/1")
     assert route is not None
@@ -129,7 +129,11 @@ routes:
 def test_upstream_query_is_merged_before_the_clients() -> None:
     policy = parse_policy("version: 1\nroutes: [{path: /a, upstream: 'wss://h:8443/p?k=v', auth: none}]")
     route = policy.routes[0]
-    assert (route.upstream.secure, route.upstream.port, route.upstream.path) == (True, 8443, "/p")
+    assert (route.upstream.secure, route.upstream.endpoints[0].port, route.upstream.endpoints[0].path) == (
+        True,
+        8443,
+        "/p",
+    )
     assert route.upstream_target("/a", "x=1") == "/p?k=v&x=1"
 
 
