@@ -47,12 +47,13 @@ PASSIVE_BACKOFF = 2.0
 #: The longest an endpoint is taken out by failed connects before it is tried again.
 PASSIVE_BACKOFF_MAX = 30.0
 
-#: A route's identity among the pools: its path and match (an exact and a prefix route may share a path).
-RouteKey = tuple[str, str]
+#: A route's identity among the pools: its host, path and match (an exact and a prefix route may share a
+#: path, and so may routes for two hosts).
+RouteKey = tuple[str | None, str, str]
 
 
 def route_key(route: Route) -> RouteKey:
-    return (route.path, route.match)
+    return (route.host, route.path, route.match)
 
 
 class Endpoint:

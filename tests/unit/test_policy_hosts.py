@@ -42,7 +42,7 @@ routes:
 )
 def test_hosts_win_exact_before_wildcard_then_paths(host: str | None, path: str, upstream: str) -> None:
     route = parse_policy(ROUTES).match_route(path, host)
-    assert route is not None and route.upstream.host == upstream
+    assert route is not None and route.upstream.endpoints[0].host == upstream
 
 
 def test_without_a_route_for_any_host_an_unknown_host_matches_nothing() -> None:
