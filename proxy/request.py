@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from proxy.headers import header_list, header_value, header_values
-from proxy.policy.values import request_host
+from proxy.policy.values import routing_host
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +97,13 @@ class HandshakeRequest:
 
     @property
     def host(self) -> str | None:
-        """The Host header's host as routes match it (no port, lower case, no trailing dot)."""
-        return request_host(self.header("host"))
+        """The host as routes match it (no port, lower case, no trailing dot): an absolute-form target's,
+        else the Host header's. None when there is none, or (for a request the reader did not check) when
+        it is not valid: only routes without a host match then."""
+        try:
+            return routing_host(self.target, self.header("host"))
+        except ValueError:
+            return None
 
     def header(self, name: str) -> str | None:
         """The first value of a header, or None."""

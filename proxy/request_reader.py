@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import h11
 
 from proxy.errors import ProxyHeaderError, Rejection, RejectionTemplate
+from proxy.policy.values import routing_host
 from proxy.proxyproto import parse_proxy_header
 
 #: The longest PROXY header: v2's 16-byte preamble and a 16-bit length of addresses and TLVs.
@@ -127,13 +128,25 @@ class RequestReader:
             if error.error_status_hint == 431:
                 return TOO_LARGE()
             return Rejection(400, "bad_request", f"malformed HTTP request: {error}")
+        target = event.target.decode("latin-1")
+        try:
+            routing_host(target, _host_header(event))
+        except ValueError as error:
+            return Rejection(400, "bad_request", str(error))
         return RequestHead(
             method=event.method.decode("ascii"),
-            target=event.target.decode("latin-1"),
+            target=target,
             http_version=event.http_version.decode("ascii"),
             headers=tuple((name.decode("latin-1"), value.decode("latin-1")) for name, value in event.headers),
             rest=rest + held_back,
         )
+
+
+def _host_header(request: h11.Request) -> str | None:
+    for name, value in request.headers:
+        if name == b"host":
+            return value.decode("latin-1")
+    return None
 
 
 def _announces_body(request: h11.Request) -> bool:

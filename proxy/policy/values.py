@@ -175,24 +175,57 @@ def _stars(glob: str) -> list[str]:
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 
 
+#: RFC 3986 reg-name characters (unreserved, pct-encoded, sub-delims): what a Host may name besides an IP.
+_REG_NAME = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=%]*")
+
+
 def request_host(header: str | None) -> str | None:
     """The host a ``Host`` header names, as routes are matched against it: without its port, lower case,
     without a trailing dot; an IPv6 literal (``[::1]:8080``) without its brackets, in its short form.
-    None for no header or an empty one."""
+    None for no header or an empty one.
+
+    Raises:
+        ValueError: not ``uri-host [":" port]`` (RFC 9110 section 7.2): a bracketed name that is not an
+            IPv6 address, a port that is not digits, characters no host name holds. RFC 9112 section 3.2
+            answers these 400, and so does the gateway: a Host it cannot read must not pick a route.
+    """
     if header is None:
         return None
-    text = header.strip()
+    text = header.strip(" \t")
+    if not text:
+        return None
     if text.startswith("["):
-        literal, closed, _rest = text[1:].partition("]")
-        if not closed:
-            return None
+        literal, closed, rest = text[1:].partition("]")
+        if not closed or (rest and not (rest[0] == ":" and _is_port(rest[1:]))):
+            raise ValueError(f"invalid Host {header[:100]!r}")
         try:
-            return str(ip_address(literal))
+            address = ip_address(literal)
         except ValueError:
-            return literal.lower()
-    host = text.rpartition(":")[0] if ":" in text else text
-    host = host.lower().rstrip(".")
-    return host or None
+            raise ValueError(f"invalid Host {header[:100]!r}: brackets hold an IPv6 address") from None
+        if address.version != 6:
+            raise ValueError(f"invalid Host {header[:100]!r}: brackets hold an IPv6 address")
+        return str(address)
+    host, colon, port = text.rpartition(":") if ":" in text else (text, "", "")
+    if (colon and not _is_port(port)) or not _REG_NAME.fullmatch(host):
+        raise ValueError(f"invalid Host {header[:100]!r}")
+    return host.lower().rstrip(".") or None
+
+
+def _is_port(text: str) -> bool:
+    return text == "" or (text.isascii() and text.isdigit())
+
+
+def routing_host(target: str, header: str | None) -> str | None:
+    """The host a request is routed by: the authority of an absolute-form target (``GET
+    http://a.example.com/ws``), which RFC 9112 section 3.2.2 says wins over the Host header, or else the
+    Host header's (see :func:`request_host`).
+
+    Raises:
+        ValueError: the host that decides is not valid.
+    """
+    if not target.startswith("/") and "://" in target:
+        return request_host(urlsplit(target).netloc.rpartition("@")[2])
+    return request_host(header)
 
 
 def parse_route_host(text: str) -> str:

@@ -555,3 +555,39 @@ async def test_a_client_ca_rotated_in_place_applies_to_new_handshakes(gateway, u
         await live.send_str("still here")
         assert (await live.receive(timeout=10)).data == "still here"
         await live.close()
+
+
+async def _raw_status(gw, target: str, host_lines: str) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(
+        f"GET {target} HTTP/1.1\r\n{host_lines}Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode("latin-1")
+    )
+    status = await asyncio.wait_for(reader.readline(), 10)
+    writer.close()
+    return status
+
+
+async def test_a_host_no_host_can_have_is_400_and_an_absolute_target_routes_by_its_authority(
+    gateway, upstream, log_events
+):
+    """A Host the gateway cannot read (a bracketed name, a port of letters, bytes no name holds) is a
+    400, never a route; an absolute-form target is routed by its own authority (RFC 9112 3.2.2)."""
+    gw = await gateway(
+        f"""
+        routes:
+          - path: /ws
+            host: a.example.com
+            upstream: {upstream.url("/echo")}
+            auth: none
+        """
+    )
+    for host in ("[a.example.com]", "a.example.com:xx", "\xe0.example.com", "a.example.com/ws"):
+        status = await _raw_status(gw, "/ws", f"Host: {host}\r\n")
+        assert status.startswith(b"HTTP/1.1 400"), (host, status)
+    assert (await _raw_status(gw, "/ws", "Host: a.example.com:8080\r\n")).startswith(b"HTTP/1.1 101")
+    absolute = await _raw_status(gw, "http://a.example.com/ws", "Host: other.example.com\r\n")
+    assert absolute.startswith(b"HTTP/1.1 101"), absolute
+    elsewhere = await _raw_status(gw, "http://other.example.com/ws", "Host: a.example.com\r\n")
+    assert elsewhere.startswith(b"HTTP/1.1 404"), elsewhere
+    await log_events.wait_for("handshake.rejected", reason="bad_request")

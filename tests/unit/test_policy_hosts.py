@@ -14,7 +14,7 @@ from cryptography.x509.oid import NameOID
 
 from proxy.errors import PolicyError
 from proxy.policy.load import parse_policy
-from proxy.policy.values import SubjectPattern, request_host
+from proxy.policy.values import SubjectPattern, request_host, routing_host
 from proxy.tls_listener import certificate_for
 
 ROUTES = """\
@@ -70,6 +70,36 @@ def test_without_a_route_for_any_host_an_unknown_host_matches_nothing() -> None:
 )
 def test_the_host_header_as_routes_see_it(header: str | None, host: str | None) -> None:
     assert request_host(header) == host
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "[a.example.com]",
+        "[a.example.com]:443",
+        "[1.2.3.4]",
+        "a.example.com:xx",
+        "a.example.com:44x",
+        "x:y:z",
+        "a b.example.com",
+        "\xe0.example.com",
+        "a.example.com/x",
+        "a@b.example.com",
+        "[::1]x",
+    ],
+)
+def test_a_host_header_no_host_can_have_is_refused(header: str) -> None:
+    """RFC 9112 section 3.2: a Host that is not ``uri-host [":" port]`` is a 400, never a route."""
+    with pytest.raises(ValueError, match="invalid Host"):
+        request_host(header)
+
+
+def test_an_absolute_form_target_routes_by_its_own_authority() -> None:
+    """RFC 9112 section 3.2.2: the target's authority wins over the Host header."""
+    assert routing_host("http://A.example.com:80/ws", "other.example.com") == "a.example.com"
+    assert routing_host("/ws", "b.example.com") == "b.example.com"
+    with pytest.raises(ValueError):
+        routing_host("http://a.exa mple.com/ws", "b.example.com")
 
 
 def test_route_hosts_are_normalized_like_the_header() -> None:
