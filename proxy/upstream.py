@@ -117,20 +117,18 @@ def upstream_request_headers(
     """The headers of the upstream handshake.
 
     The client's end-to-end headers pass, minus hop-by-hop ones and those its ``Connection`` header names,
-    minus any it sent under a name the gateway sets (``X-Forwarded-*``, ``X-Request-Id``, the route's
-    ``forward_claims`` and ``forward_client_certificate`` headers) so none can be spoofed, with or without
-    a certificate, minus the token (``Authorization``, the token cookie of each of the route's providers)
-    unless the route says ``forward_token``. Then the gateway's own are added.
+    minus any it sent under a name the gateway sets (``X-Forwarded-*``, ``X-Request-Id``, the
+    ``forward_claims`` and ``forward_client_certificate`` headers of every route of the policy) so none can
+    be spoofed, on any route, with or without a certificate, minus the token (``Authorization``, the token
+    cookie of each of the route's providers) unless the route says ``forward_token``. Then the gateway's
+    own are added.
     """
     route = admission.route
     providers = admission.providers
     strip_token = bool(providers) and not route.forward_token
     token_cookies = {provider.cookie_name for provider in providers if "cookie" in provider.token_sources}
     named_hops = set(request.header_tokens("connection"))
-    claim_headers = {header.lower() for _claim, header in route.forward_claims}
-    certificate_headers = route.forward_client_certificate
-    if certificate_headers is not None:
-        claim_headers.update(certificate_headers.headers)
+    claim_headers = route.gateway_set_headers
     headers: list[tuple[str, str]] = [
         ("host", host_header),
         ("upgrade", "websocket"),
@@ -165,6 +163,7 @@ def upstream_request_headers(
             if claim in identity.claims:
                 headers.append((header.lower(), _header_value(identity.claims[claim])))
     certificate = request.client_certificate
+    certificate_headers = route.forward_client_certificate
     if certificate_headers is not None and certificate is not None:
         if certificate_headers.subject_header:
             headers.append((certificate_headers.subject_header.lower(), _header_value(certificate.subject)))

@@ -574,6 +574,8 @@ def _parse_root(origin: Source, root: yaml.Node | None, raw: bytes, source: Path
         routes.append(route)
     if not routes:
         origin.fail(top.node_of("routes"), "routes", "at least one route is needed")
+    gateway_set = frozenset(name for route in routes for name in _forwarded_header_names(route))
+    routes = [replace(route, gateway_set_headers=gateway_set) for route in routes]
     return Policy(
         **values,
         version=1,
@@ -585,6 +587,13 @@ def _parse_root(origin: Source, root: yaml.Node | None, raw: bytes, source: Path
         sha256=hashlib.sha256(raw).hexdigest(),
         warnings=tuple(origin.warnings),
     )
+
+
+def _forwarded_header_names(route: Route) -> set[str]:
+    names = {header.lower() for _claim, header in route.forward_claims}
+    if route.forward_client_certificate is not None:
+        names.update(route.forward_client_certificate.headers)
+    return names
 
 
 def _check_certificate_keys(section: Section, route: Route, listen: Listen) -> None:

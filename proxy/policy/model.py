@@ -672,6 +672,12 @@ class Route:
     )
     #: The ``Limits`` fields this route's own ``limits`` set: its rates and caps are its own buckets.
     own_limits: frozenset[str] = derived("the keys of the route's limits", frozenset())
+    #: Every header name (lower case) the gateway sets for any route of the policy: forwarded claims and
+    #: client certificate headers. A client's copies are dropped on every route, not only on the routes
+    #: that set them, since routes commonly share an upstream that cannot tell who set them.
+    gateway_set_headers: frozenset[str] = derived(
+        "forward_claims and forward_client_certificate headers of every route", frozenset()
+    )
 
     @property
     def requires_certificate(self) -> bool:
