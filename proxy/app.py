@@ -175,7 +175,7 @@ class Gateway:
         certs = [str(pair.cert_file) for pair in tls.pairs]
         try:
             context = listener_tls_context(tls)
-        except (OSError, ssl.SSLError) as error:
+        except (OSError, ssl.SSLError, ValueError) as error:
             logs.event("tls.reload_failed", logging.ERROR, cert=certs, error=str(error))
             return
         self._tls_context = context

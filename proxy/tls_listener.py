@@ -19,7 +19,7 @@ import ssl
 from functools import partial
 
 from proxy.policy.model import CertificatePair, TlsListen
-from proxy.policy.values import host_matches
+from proxy.policy.values import certificate_dns_names, host_matches
 
 __all__ = ["handshake_failure_reason", "listener_tls_context"]
 
@@ -38,13 +38,15 @@ def listener_tls_context(tls: TlsListen) -> ssl.SSLContext:
     """The server context the listener wraps each accepted connection with.
 
     Raises:
-        OSError, ssl.SSLError: a certificate, key or CA file that does not load (the loader checked them,
-            so only a file changed since then).
+        OSError, ssl.SSLError, ValueError: a certificate, key or CA file that does not load (the loader
+            checked them, so only a file changed since then).
     """
     contexts = [_context(tls, pair) for pair in tls.pairs]
     default = contexts[0]
     if len(contexts) > 1:
-        default.sni_callback = partial(_choose, tuple(zip(tls.pairs, contexts, strict=True)))
+        # The names as the files say now: a certificate renewed in place may name other hosts.
+        names = tuple(certificate_dns_names(pair.cert_file.read_bytes()) for pair in tls.pairs)
+        default.sni_callback = partial(_choose, names, tuple(contexts))
     return default
 
 
@@ -58,31 +60,32 @@ def _context(tls: TlsListen, pair: CertificatePair) -> ssl.SSLContext:
     return context
 
 
-def certificate_for(server_name: str | None, pairs: tuple[CertificatePair, ...]) -> int:
-    """The index of the certificate for an SNI name: the first holding it exactly, else the first whose
-    wildcard covers it, else 0 (the default)."""
+def certificate_for(server_name: str | None, names: tuple[tuple[str, ...], ...]) -> int:
+    """The index of the certificate for an SNI name, given each certificate's SAN dNSNames: the first
+    holding it exactly, else the first whose wildcard covers it, else 0 (the default)."""
     if not server_name:
         return 0
     name = server_name.lower().rstrip(".")
-    for index, pair in enumerate(pairs):
-        if name in pair.names:
+    for index, held in enumerate(names):
+        if name in held:
             return index
-    for index, pair in enumerate(pairs):
-        if any(pattern.startswith("*.") and host_matches(pattern, name) for pattern in pair.names):
+    for index, held in enumerate(names):
+        if any(pattern.startswith("*.") and host_matches(pattern, name) for pattern in held):
             return index
     return 0
 
 
 def _choose(
-    candidates: tuple[tuple[CertificatePair, ssl.SSLContext], ...],
+    names: tuple[tuple[str, ...], ...],
+    contexts: tuple[ssl.SSLContext, ...],
     connection: ssl.SSLObject | ssl.SSLSocket,
     server_name: str | None,
     context: ssl.SSLContext,
 ) -> None:
     """The ``sni_callback``: switch the handshake to the certificate its SNI names (None: go on)."""
-    index = certificate_for(server_name, tuple(pair for pair, _context in candidates))
+    index = certificate_for(server_name, names)
     if index:
-        connection.context = candidates[index][1]
+        connection.context = contexts[index]
 
 
 def handshake_failure_reason(error: BaseException) -> str:

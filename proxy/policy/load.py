@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -47,6 +46,7 @@ from proxy.policy.model import (
     UpstreamTls,
 )
 from proxy.policy.nodes import Section, Source, items
+from proxy.policy.values import certificate_dns_names
 
 # -- the declarations at work -----------------------------------------------------------------------
 
@@ -175,14 +175,9 @@ def _load_pair(section: Section, cert_file: Path, key_file: Path) -> tuple[str, 
     except (ssl.SSLError, OSError) as error:
         section.fail("cert", f"cannot load the certificate and key: {error.strerror or error}")
     try:
-        certificate = x509.load_pem_x509_certificate(cert_file.read_bytes())
+        return certificate_dns_names(cert_file.read_bytes())
     except ValueError as error:
         section.fail("cert", f"not a PEM certificate: {error}")
-    try:
-        alternative = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return ()
-    return tuple(name.lower().rstrip(".") for name in alternative.value.get_values_for_type(x509.DNSName))
 
 
 def _tls(source: Source, node: yaml.Node, path: str, name: str | None) -> TlsListen:

@@ -88,7 +88,9 @@ class CertificatePair:
     )
     key_file: Path = key(name="key", kind=kinds.FILE, help="PEM private key", scopes=POLICY, required=True)
     #: The certificate's SAN dNSNames, lower case (``*.example.com`` included): what SNI is matched with.
-    names: tuple[str, ...] = derived("the certificate's subjectAltName dNSNames", ())
+    #: Not compared: a certificate renewed in place with other names is the same listener (a reload, not
+    #: a restart); the listener reads the names again from the file whenever it loads it.
+    names: tuple[str, ...] = derived("the certificate's subjectAltName dNSNames", (), compare=False)
 
 
 @dataclass(frozen=True, slots=True)

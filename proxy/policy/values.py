@@ -228,6 +228,20 @@ def routing_host(target: str, header: str | None) -> str | None:
     return request_host(header)
 
 
+def certificate_dns_names(pem: bytes) -> tuple[str, ...]:
+    """A PEM certificate's SAN dNSNames, lower case, without a trailing dot (``*.example.com`` kept).
+
+    Raises:
+        ValueError: not a PEM certificate.
+    """
+    certificate = x509.load_pem_x509_certificate(pem)
+    try:
+        alternative = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return ()
+    return tuple(name.lower().rstrip(".") for name in alternative.value.get_values_for_type(x509.DNSName))
+
+
 def parse_route_host(text: str) -> str:
     """A route's ``host``, normalized as :func:`request_host` normalizes the header: ``chat.example.com``,
     ``*.example.com`` (one label, never the apex or deeper) or an IP address (IPv6 in brackets).

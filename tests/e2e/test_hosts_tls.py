@@ -596,3 +596,48 @@ async def test_a_host_no_host_can_have_is_400_and_an_absolute_target_routes_by_i
     elsewhere = await _raw_status(gw, "http://other.example.com/ws", "Host: a.example.com\r\n")
     assert elsewhere.startswith(b"HTTP/1.1 404"), elsewhere
     await log_events.wait_for("handshake.rejected", reason="bad_request")
+
+
+async def test_a_certificate_renewed_in_place_with_other_names_is_a_reload_not_a_restart(
+    gateway, upstream, pki, tmp_path
+):
+    """cert-manager renews a certificate under the same path, and its SAN list changes (a name added, or
+    the same names in another order): the reload applies, and SNI picks the renewed certificate by the
+    names it holds now."""
+    from proxy.reload import restart_needed
+
+    server, chat, rooms = pki["server"], pki["chat"], pki["rooms"]
+    assert isinstance(server, Issued) and isinstance(chat, Issued) and isinstance(rooms, Issued)
+    cert, key = tmp_path / "second.pem", tmp_path / "second.key"
+    cert.write_bytes(chat.cert.read_bytes())
+    key.write_bytes(chat.key.read_bytes())
+    text = f"""
+    listen:
+      address: "127.0.0.1:0"
+      tls:
+        certificates:
+          - {{cert: {server.cert}, key: {server.key}}}
+          - {{cert: {cert}, key: {key}}}
+    routes:
+      - path: /echo
+        upstream: {upstream.url()}
+        auth: none
+    """
+    gw = await gateway(text)
+    before = parse_policy(policy_text(text))
+
+    async def served(server_name: str) -> bytes:
+        _reader, writer = await asyncio.open_connection(
+            "127.0.0.1", gw.port, ssl=client_context(pki), server_hostname=server_name
+        )
+        try:
+            return writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        finally:
+            writer.close()
+
+    assert await served("chat.example.com") == chat.der
+    cert.write_bytes(rooms.cert.read_bytes())
+    key.write_bytes(rooms.key.read_bytes())
+    assert restart_needed(before, parse_policy(policy_text(text))) is None
+    gw.gateway.reload_files()
+    assert await served("a.rooms.example.com") == rooms.der
