@@ -197,6 +197,7 @@ class TokenVerifier:
             except jwt.PyJWTError as invalid:
                 error = invalid
                 break
+            _check_dates(claims)
             return claims
         raise rejection_for(error)
 
@@ -213,6 +214,20 @@ class TokenVerifier:
             source=source,
             claims=claims,
         )
+
+
+def _check_dates(claims: dict[str, Any]) -> None:
+    """RFC 7519 section 2: ``exp``, ``nbf`` and ``iat`` are NumericDates, JSON numbers. PyJWT also takes a
+    numeric string such as ``"1796000000"``; the gateway refuses it, or such an ``exp`` would be checked
+    once and then never again (the session's expiry timer and the verified-token cache read numbers).
+
+    Raises:
+        Rejection: 401 ``auth_invalid``.
+    """
+    for name in ("exp", "nbf", "iat"):
+        value = claims.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise _unauthorized("auth_invalid", f"claim {name!r} is not a number (RFC 7519 NumericDate)")
 
 
 def validation(provider: AuthProvider) -> dict[str, Any]:

@@ -274,6 +274,10 @@ async def test_expired_and_not_yet_valid_tokens_are_401(gateway, upstream, tmp_p
     response = await assert_401(gw.port, bearer(token(nbf=now + 60)))
     assert "not yet valid" in json.loads(response.body)["detail"]
     await assert_401(gw.port, bearer(token(exp=None)))  # exp is required
+    # a NumericDate is a JSON number: a numeric string would be checked once, then cached as never expiring
+    for name in ("exp", "nbf", "iat"):
+        response = await assert_401(gw.port, bearer(token(**{name: str(now + 60 if name == "exp" else now)})))
+        assert "not a number" in json.loads(response.body)["detail"], name
     assert upstream.records == []
 
 
