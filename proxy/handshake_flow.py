@@ -25,10 +25,12 @@ from collections.abc import Callable
 from typing import Any
 
 from proxy import logs
+from proxy.deflate import Agreement, accept_client_offer
 from proxy.errors import DRAINING, INTERNAL, Rejection, UpstreamError
 from proxy.frames import accept_key
 from proxy.guards.slots import LimiterSlots
 from proxy.handshake import Admission, Pipeline
+from proxy.headers import header_values
 from proxy.listener import HandshakeProtocol, http_response
 from proxy.metrics import NO_ROUTE, Metrics
 from proxy.relay import start_relay
@@ -155,9 +157,14 @@ class HandshakeFlow:
         started: float,
     ) -> Session:
         """Answer 101, register the session (it owns ``slots`` from here on) and start its relay."""
-        connection.accept(_switching_protocols(request, upstream))
-        self._upgraded(connection)
         route = admission.route
+        client_deflate = (
+            accept_client_offer(header_values(request.headers, "sec-websocket-extensions"))
+            if route.compression.client
+            else None
+        )
+        connection.accept(_switching_protocols(request, upstream, client_deflate))
+        self._upgraded(connection)
         identity = admission.identity
         session = Session(
             asyncio.get_running_loop(),
@@ -173,7 +180,7 @@ class HandshakeFlow:
         )
         self._sessions.add(session)
         try:
-            self._relay(session, connection, request, admission, upstream, started)
+            self._relay(session, connection, request, admission, upstream, started, client_deflate)
         except BaseException:
             self._sessions.remove(session)  # never relayed, so it would never finish by itself
             raise
@@ -187,6 +194,7 @@ class HandshakeFlow:
         admission: Admission,
         upstream: UpstreamConnection,
         started: float,
+        client_deflate: Agreement | None,
     ) -> None:
         """Count and log the session's opening, and start relaying its frames."""
         route, identity = admission.route, admission.identity
@@ -202,6 +210,8 @@ class HandshakeFlow:
             subject=identity.subject if identity else None,
             token=identity.fingerprint if identity else None,
             handshake_ms=round(handshake_seconds * 1000, 1),
+            client_deflate=client_deflate.header if client_deflate else None,
+            upstream_deflate=upstream.deflate.header if upstream.deflate else None,
         )
         start_relay(
             session,
@@ -210,6 +220,8 @@ class HandshakeFlow:
             connection.pending,
             upstream.pending,
             upstream.handshake.lost,
+            client_deflate,
+            upstream.deflate,
         )
 
     def _session_finished(self, session: Session) -> None:
@@ -238,8 +250,11 @@ class HandshakeFlow:
         )
 
 
-def _switching_protocols(request: HandshakeRequest, upstream: UpstreamConnection) -> bytes:
-    """The 101 for the client: its accept key, the upstream's subprotocol and response headers."""
+def _switching_protocols(
+    request: HandshakeRequest, upstream: UpstreamConnection, client_deflate: Agreement | None
+) -> bytes:
+    """The 101 for the client: its accept key, the upstream's subprotocol and response headers, and the
+    gateway's own answer to the client's permessage-deflate offer (the upstream's is its own hop's)."""
     headers: list[tuple[str, str]] = [
         ("Upgrade", "websocket"),
         ("Connection", "Upgrade"),
@@ -247,6 +262,8 @@ def _switching_protocols(request: HandshakeRequest, upstream: UpstreamConnection
     ]
     if upstream.subprotocol is not None:
         headers.append(("Sec-WebSocket-Protocol", upstream.subprotocol))
+    if client_deflate is not None:
+        headers.append(("Sec-WebSocket-Extensions", client_deflate.header))
     headers.append(("X-Request-Id", request.request_id))
     headers.extend(upstream.response_headers)
     return http_response(101, headers)

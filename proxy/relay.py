@@ -32,6 +32,7 @@ import termios
 import time
 
 from proxy import logs
+from proxy.deflate import Agreement
 from proxy.errors import (
     CLIENT_CLOSED_BY_GATEWAY,
     CLIENT_WENT_AWAY,
@@ -68,6 +69,7 @@ class Leg(asyncio.Protocol):
         "_ping_queued_after",
         "_ping_sent_at",
         "_resumed_at",
+        "_turn_waiting",
         "backlogged",
         "close_received",
         "close_sent",
@@ -95,6 +97,8 @@ class Leg(asyncio.Protocol):
         #: because a read held more frames than one turn takes.
         self.throttled = False
         self.backlogged = False
+        #: Whether the next turn of a backlog waits for the other side's write buffer to drain.
+        self._turn_waiting = False
         #: Bytes written to this side's transport: with what is still queued, how much it took.
         self.sent = 0
         #: At the last keepalive check: how much of ``sent`` the side had taken, and how much was sent
@@ -199,8 +203,14 @@ class Leg(asyncio.Protocol):
         self.transport.resume_reading()
 
     def _next_turn(self) -> None:
-        if not self.lost:
-            self.data_received(b"")
+        if self.lost:
+            return
+        if self.throttled and not self.reader.discarding:
+            # The other side's write buffer is full: the rest of the read (which may inflate to much
+            # more than it is) waits for it to drain.
+            self._turn_waiting = True
+            return
+        self.data_received(b"")
 
     def pause_writing(self) -> None:
         """Our transport's buffer is full: stop reading from the side that fills it."""
@@ -215,7 +225,11 @@ class Leg(asyncio.Protocol):
         peer = self.peer
         if peer.throttled:
             peer.throttled = False
-            peer._read_again()
+            if peer._turn_waiting:
+                peer._turn_waiting = False
+                peer.session.loop.call_soon(peer._next_turn)
+            else:
+                peer._read_again()
 
     def eof_received(self) -> bool:
         """A half-close ends the leg like a reset; returning False lets asyncio close the transport."""
@@ -426,10 +440,13 @@ def start_relay(
     client_pending: bytes,
     upstream_pending: bytes,
     upstream_already_lost: bool,
+    client_deflate: Agreement | None = None,
+    upstream_deflate: Agreement | None = None,
 ) -> None:
     """Hand both connections to a new pair of legs and start reading.
 
-    ``*_pending`` are the bytes that arrived right behind each side's handshake.
+    ``*_pending`` are the bytes that arrived right behind each side's handshake; ``*_deflate`` what each
+    hop agreed to for permessage-deflate (None: that hop is uncompressed).
     """
     route = session.route
     limits = route.limits
@@ -447,6 +464,8 @@ def start_relay(
             client_bytes,
             limits.fragments_allowed(client_bytes),
             _checker(route.client_rules, route.message_rate, now),
+            client_deflate.inflater() if client_deflate is not None else None,
+            upstream_deflate.deflater() if upstream_deflate is not None else None,
         ),
     )
     upstream = Leg(
@@ -458,6 +477,8 @@ def start_relay(
             upstream_bytes,
             limits.fragments_allowed(upstream_bytes),
             _checker(route.upstream_rules, None, now),
+            upstream_deflate.inflater() if upstream_deflate is not None else None,
+            client_deflate.deflater() if client_deflate is not None else None,
         ),
     )
     client.reader.last_data = upstream.reader.last_data = now

@@ -14,6 +14,7 @@ from typing import Any
 from proxy.policy.declare import Declared, Kind, Scope, declarations
 from proxy.policy.model import (
     AuthProvider,
+    Compression,
     Firewall,
     LimiterSettings,
     Limits,
@@ -36,6 +37,7 @@ SECTION_CLASSES: tuple[type, ...] = (
     Limits,
     Route,
     UpstreamTls,
+    Compression,
     MessageRules,
     Firewall,
     AuthProvider,
