@@ -69,10 +69,20 @@ class Agreement:
     peer_window_bits: int
     gateway_no_context_takeover: bool
     gateway_window_bits: int
+    #: The largest window the peer lets the gateway compress with (15 when it set none).
+    gateway_max_window_bits: int = 15
 
     def inflater(self) -> Inflater:
         """An inflater for the messages this hop's peer sends."""
         return Inflater(self.peer_window_bits, self.peer_no_context_takeover)
+
+    def passes_to(self, receiver: Agreement) -> bool:
+        """Whether the messages this hop's peer compresses can pass, compressed as they are, to the peer
+        of ``receiver``'s hop: their window fits what that peer lets the gateway use, and they keep no
+        context where that peer required the gateway not to."""
+        return self.peer_window_bits <= receiver.gateway_max_window_bits and (
+            self.peer_no_context_takeover or not receiver.gateway_no_context_takeover
+        )
 
     def deflater(self) -> Deflater | None:
         """A deflater for the messages the gateway sends to this hop's peer, or None for plain ones."""
@@ -189,7 +199,14 @@ def accept_client_offer(values: Iterable[str]) -> Agreement | None:
                 CLIENT_WINDOW_BITS if client_bits is True else min(int(client_bits), CLIENT_WINDOW_BITS)
             )
             answer.append(f"client_max_window_bits={peer_bits}")
-        return Agreement("; ".join(answer), peer_no_context, peer_bits, gateway_no_context, gateway_bits)
+        return Agreement(
+            "; ".join(answer),
+            peer_no_context,
+            peer_bits,
+            gateway_no_context,
+            gateway_bits,
+            int(server_bits) if server_bits else 15,
+        )
     return None
 
 
@@ -216,6 +233,7 @@ def read_upstream_answer(value: str | None) -> Agreement | None:
         peer_window_bits=int(answer.get("server_max_window_bits", 15)),
         gateway_no_context_takeover=bool(answer.get("client_no_context_takeover")),
         gateway_window_bits=0 if gateway_bits == 8 else min(gateway_bits, DEFLATE_WINDOW_BITS),
+        gateway_max_window_bits=gateway_bits,
     )
 
 

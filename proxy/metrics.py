@@ -87,7 +87,7 @@ class RouteCounters:
         self.messages = {FROM_CLIENT: 0, FROM_UPSTREAM: 0}
         self.bytes = {FROM_CLIENT: 0, FROM_UPSTREAM: 0}
         #: permessage-deflate messages by (direction, hop): "received" compressed from the sender,
-        #: "sent" compressed by the gateway for the receiver.
+        #: "sent" compressed by the gateway for the receiver, "passed" on compressed as they came.
         self.compressed: dict[tuple[str, str], int] = {}
         self.violations: dict[Rule, int] = {}
         self.rejections: dict[str, int] = {}
@@ -124,6 +124,8 @@ def session_compressed(session: Session) -> dict[tuple[str, str], int]:
             counts[(direction, "received")] = reader.inflated
         if reader.deflated:
             counts[(direction, "sent")] = reader.deflated
+        if reader.passed:
+            counts[(direction, "passed")] = reader.passed
     return counts
 
 
@@ -288,7 +290,7 @@ class WsgateCollector(Collector):
 
         counter = CounterMetricFamily(
             "wsgate_compressed_messages",
-            "permessage-deflate messages by direction: received compressed, or compressed by wsgate (sent).",
+            "permessage-deflate messages: received compressed, compressed by wsgate, passed as they came.",
             labels=["route", "direction", "hop"],
         )
         for path, by_key in sorted(compressed.items()):

@@ -49,8 +49,9 @@ HOLD_BYTES = 4096
 #: the other side's write buffer to drain): 256 KiB read can inflate to far more than 256 KiB written.
 TURN_INFLATED_BYTES = 1 << 20
 
-#: What happens to the payload of the frame being read (_TRANSCODE: inflated and/or compressed, RFC 7692).
-_FORWARD, _UTF8, _GATHER, _SKIP, _TRANSCODE = 0, 1, 2, 3, 4
+#: What happens to the payload of the frame being read (RFC 7692: _TRANSCODE inflated and/or compressed
+#: again, _SHADOW passed on compressed as it came while a shadow inflater keeps its size and context).
+_FORWARD, _UTF8, _GATHER, _SKIP, _TRANSCODE, _SHADOW = 0, 1, 2, 3, 4, 5
 _TEXT, _CLOSE, _PING, _PONG = 0x1, 0x8, 0x9, 0xA
 _FIN = 0x80
 _RSV = 0x70
@@ -126,6 +127,8 @@ class FrameReader:
         "max_message_bytes",
         "messages",
         "oversized",
+        "passed",
+        "passthrough",
         "ping_payload",
     )
 
@@ -137,6 +140,7 @@ class FrameReader:
         checker: MessageChecker | None = None,
         inflater: Inflater | None = None,
         deflater: Deflater | None = None,
+        passthrough: bool = False,
     ) -> None:
         self.masked = masked
         self.max_message_bytes = max_message_bytes
@@ -146,9 +150,16 @@ class FrameReader:
         #: sends when the other hop did (else they go plain).
         self.inflater = inflater
         self.deflater = deflater
-        #: Messages from this side that arrived compressed, and messages compressed for the other side.
+        #: Compressed messages pass to the other side as they came (both hops agreed to compatible
+        #: parameters, and no rule gathers this direction's messages or drops one): the inflater only
+        #: counts their size, checks UTF-8 and keeps the context. Set with an inflater and without a
+        #: deflater (plain messages pass plain).
+        self.passthrough = passthrough
+        #: Messages from this side that arrived compressed, messages compressed for the other side, and
+        #: compressed messages passed on as they came.
         self.inflated = 0
         self.deflated = 0
+        self.passed = 0
         #: A compressed message's wire bytes may exceed what it inflates to by a little (stored blocks,
         #: flushes); more than this is no deflate stream a real compressor writes.
         self._compressed_limit = max_message_bytes + (max_message_bytes >> 3) + 1024
@@ -431,9 +442,10 @@ class FrameReader:
                 if mode != _SKIP and not compressed:
                     self.bytes += length  # a compressed message's are counted as it inflates
                 if (compressed or deflater is not None) and (mode != _SKIP or compressed):
-                    # Inflated, checked, and compressed again (or sent plain): a dropped compressed
+                    # _SHADOW: passed on as it came, its first frame header keeping RSV1. _TRANSCODE:
+                    # inflated, checked, and compressed again (or sent plain); a dropped compressed
                     # message is inflated too, so that the context of the next one stays right.
-                    mode = _TRANSCODE
+                    mode = _SHADOW if compressed and self.passthrough else _TRANSCODE
                 if end <= size and mode <= _UTF8:
                     # The common case, written out: a whole frame passed on.
                     if mode == _UTF8:
@@ -462,7 +474,7 @@ class FrameReader:
                 self._mode = mode
                 self._remaining = length
                 self._offset = 0
-                self._out_opcode = opcode
+                self._out_opcode = (opcode | _RSV1) if mode == _SHADOW and opcode else opcode
                 if masked:
                     self._frame_key = buf[pos + hlen - 4 : pos + hlen]
                 pos += hlen
@@ -570,6 +582,10 @@ class FrameReader:
             return True  # the header alone arrived: nothing to pass on yet
         if mode == _TRANSCODE:
             return self._transcode(self._plain(buf, start, stop, -1, offset), last and self._fin, pieces)
+        if mode == _SHADOW:
+            if not self._shadow(self._plain(buf, start, stop, -1, offset), last and self._fin):
+                return False
+            mode = _FORWARD  # the compressed bytes, passed on as they came
         if mode == _GATHER:
             self._gathered += self._plain(buf, start, stop, -1, offset)
             return True
@@ -616,6 +632,9 @@ class FrameReader:
         if not self._fin:
             return True
         mode = self._mode
+        if mode == _SHADOW:
+            self.inflated += 1
+            self.passed += 1
         transcoding = mode == _TRANSCODE
         if transcoding:
             mode = self._message_mode
@@ -676,6 +695,29 @@ class FrameReader:
             self._fail(violation.code, violation.reason)
             return False
         self._emit(data, final, pieces)
+        return True
+
+    def _shadow(self, data: bytes | bytearray, final: bool) -> bool:
+        """The next compressed bytes of a message passed on as it came: inflated only to count its size
+        (1009 past the limit, 1007 for a corrupt stream, as for any compressed message), to check UTF-8
+        as the text passes, and to keep the context the next message needs; the inflated bytes are then
+        dropped. False on a failure."""
+        assert self.inflater is not None
+        try:
+            out = self.inflater.inflate(data, final, self.max_message_bytes - self._inflated)
+        except PeerError as error:
+            if isinstance(error, MessageTooBig):
+                self.oversized = True
+            self._fail(error.code, error.reason)
+            return False
+        if self._message_mode == _UTF8 and not self._utf8_ok(out, final):
+            violation = self._invalid_utf8()
+            self._fail(violation.code, violation.reason)
+            return False
+        inflated = len(out)
+        self._inflated += inflated
+        self.bytes += inflated
+        self._turn_bytes += inflated
         return True
 
     def _emit(self, data: bytes | bytearray, final: bool, pieces: list[bytes | bytearray]) -> None:

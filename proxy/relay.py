@@ -455,31 +455,19 @@ def start_relay(
     upstream_bytes = (
         route.upstream_rules.max_message_bytes if route.upstream_rules else limits.max_message_bytes
     )
+    client_checker = _checker(route.client_rules, route.message_rate, now)
+    upstream_checker = _checker(route.upstream_rules, None, now)
     client = Leg(
         session,
         "client",
         client_transport,
-        FrameReader(
-            True,
-            client_bytes,
-            limits.fragments_allowed(client_bytes),
-            _checker(route.client_rules, route.message_rate, now),
-            client_deflate.inflater() if client_deflate is not None else None,
-            upstream_deflate.deflater() if upstream_deflate is not None else None,
-        ),
+        _reader(True, client_bytes, limits, client_checker, client_deflate, upstream_deflate),
     )
     upstream = Leg(
         session,
         "upstream",
         upstream_transport,
-        FrameReader(
-            False,
-            upstream_bytes,
-            limits.fragments_allowed(upstream_bytes),
-            _checker(route.upstream_rules, None, now),
-            upstream_deflate.inflater() if upstream_deflate is not None else None,
-            client_deflate.deflater() if client_deflate is not None else None,
-        ),
+        _reader(False, upstream_bytes, limits, upstream_checker, upstream_deflate, client_deflate),
     )
     client.reader.last_data = upstream.reader.last_data = now
     client.peer = upstream
@@ -499,6 +487,28 @@ def start_relay(
         if not leg.transport.is_closing():
             leg._read_again()
         leg.start_keepalive()
+
+
+def _reader(
+    masked: bool,
+    max_bytes: int,
+    limits: Limits,
+    checker: MessageChecker | None,
+    sender: Agreement | None,
+    receiver: Agreement | None,
+) -> FrameReader:
+    """The frame core of one direction, with permessage-deflate as its two hops agreed: an inflater when
+    the sender's hop negotiated it, a deflater when the receiver's did -- or, when both did with compatible
+    parameters and no rule needs a whole message or drops one, compressed messages passed as they came."""
+    inflater = sender.inflater() if sender is not None else None
+    # A message a rule gathers must be read whole, and one dropped would leave the receiver's inflater
+    # without the context the next message was compressed against: those directions are transcoded.
+    rules_allow = checker is None or not (checker.gathers_text or checker.drop or checker.rate_drop)
+    passthrough = sender is not None and receiver is not None and rules_allow and sender.passes_to(receiver)
+    deflater = receiver.deflater() if receiver is not None and not passthrough else None
+    return FrameReader(
+        masked, max_bytes, limits.fragments_allowed(max_bytes), checker, inflater, deflater, passthrough
+    )
 
 
 def _checker(rules: MessageRules | None, rate: MessageRate | None, now: float) -> MessageChecker | None:

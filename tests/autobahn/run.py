@@ -100,7 +100,8 @@ class RunError(Exception):
 
 
 async def echo(request: web.Request) -> web.WebSocketResponse:
-    ws = web.WebSocketResponse(max_msg_size=0, autoping=True)
+    # compress=True: the direct agent accepts permessage-deflate (cases 12 and 13), as wsgate does
+    ws = web.WebSocketResponse(max_msg_size=0, autoping=True, compress=True)
     await ws.prepare(request)
     async for message in ws:
         if message.type == WSMsgType.TEXT:

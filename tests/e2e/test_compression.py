@@ -99,16 +99,33 @@ async def test_a_websockets_client_and_a_compressing_upstream_both_use_compressi
         upstream.records[0].headers["Sec-WebSocket-Extensions"]
         == "permessage-deflate; client_max_window_bits"
     )
+    # no rule reads either direction and the parameters fit: compressed frames pass as they came
+    metric = "wsgate_compressed_messages_total"
     for direction in ("client_to_upstream", "upstream_to_client"):
-        for hop in ("received", "sent"):
-            got = value(
-                samples, "wsgate_compressed_messages_total", route="/echo", direction=direction, hop=hop
-            )
-            assert got == 3, (direction, hop)
+        for hop, expected in (("received", 3), ("passed", 3), ("sent", 0)):
+            got = value(samples, metric, route="/echo", direction=direction, hop=hop)
+            assert got == expected, (direction, hop)
     # sizes and byte counts are those of the inflated messages
     assert value(samples, "wsgate_bytes_total", route="/echo", direction="client_to_upstream") == 3 * len(
         message
     )
+
+
+async def test_a_direction_with_rules_is_inflated_and_compressed_again(gateway, upstream):
+    """A rule that reads whole messages (JSON) on the client's: that direction is inflated, checked and
+    compressed again by wsgate; the other direction still passes as it came."""
+    gw = await gateway(route(upstream.url("/echo"), "        messages: {client: {json: true}}"))
+    message = json.dumps({"prix": "12,50 €"} | {f"k{index}": index for index in range(100)})
+    async with websockets.connect(gw.url(), compression="deflate") as ws:
+        for _ in range(3):
+            await ws.send(message)
+            assert await asyncio.wait_for(ws.recv(), 10) == message
+        samples = await scrape(gw)
+    metric = "wsgate_compressed_messages_total"
+    assert value(samples, metric, route="/echo", direction="client_to_upstream", hop="sent") == 3
+    assert value(samples, metric, route="/echo", direction="client_to_upstream", hop="passed") == 0
+    assert value(samples, metric, route="/echo", direction="upstream_to_client", hop="passed") == 3
+    assert upstream.records[0].messages == [message] * 3
 
 
 async def test_the_client_hop_carries_compressed_frames_on_the_wire(gateway, upstream):

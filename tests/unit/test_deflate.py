@@ -102,6 +102,7 @@ def reader(
     deflate: bool = False,
     max_bytes: int = MIB,
     no_context: bool = False,
+    passthrough: bool = False,
     **rules: object,
 ) -> FrameReader:
     checker = (
@@ -116,6 +117,7 @@ def reader(
         checker,
         Inflater(15, no_context) if inflate else None,
         Deflater(12, no_context) if deflate else None,
+        passthrough,
     )
 
 
@@ -401,3 +403,61 @@ def test_one_turn_inflates_a_bounded_amount_and_the_rest_waits() -> None:
     while core.backlogged:
         total += len(feed(core, b""))
     assert core.messages == 8 and total > 4 * MIB
+
+
+# -- pass-through ----------------------------------------------------------------------------------------
+
+
+def test_passed_through_a_compressed_message_keeps_its_bytes_and_rsv1() -> None:
+    peer = zlib.compressobj(6, zlib.DEFLATED, -15)
+    core = reader(passthrough=True, utf8=True)
+    first = compress(b"words words words " * 40, stream=peer)
+    second = compress(b"words again " * 40, stream=peer)
+    out = feed(
+        core,
+        frame(TEXT, first, rsv=RSV1),
+        frame(TEXT, second[:5], fin=False, rsv=RSV1),
+        frame(CONT, second[5:]),
+    )
+    frames = parse(out)
+    assert frames[0] == (0x80 | RSV1 | TEXT, TEXT, first)  # re-masked, otherwise as it came
+    assert b"".join(payload for _, _, payload in frames[1:]) == second
+    assert frames[1][0] & RSV1 and not frames[-1][0] & RSV1
+    assert inflate_messages(out) == [
+        (TEXT, b"words words words " * 40, True),
+        (TEXT, b"words again " * 40, True),
+    ]
+    assert (core.inflated, core.passed, core.deflated, core.events) == (2, 2, 0, Events.NONE)
+    assert core.bytes == len(b"words words words " * 40) + len(b"words again " * 40)
+
+
+def test_a_frame_passed_through_in_pieces_keeps_rsv1_on_its_first_piece_only() -> None:
+    message = os.urandom(20000)
+    wire = frame(BINARY, compress(message), rsv=RSV1)
+    core = reader(passthrough=True)
+    out = feed(core, wire[:9000], wire[9000:])
+    frames = parse(out)
+    assert len(frames) > 1 and frames[0][0] & RSV1 and not any(b0 & RSV1 for b0, _, _ in frames[1:])
+    assert [(op, body) for op, body, _ in inflate_messages(out)] == [(BINARY, message)]
+
+
+def test_passed_through_text_is_still_checked_for_utf8_and_size() -> None:
+    core = reader(passthrough=True, utf8=True)
+    feed(core, frame(TEXT, compress(b"ok \xc3\x28"), rsv=RSV1))
+    assert core.events & Events.FAIL and core.fail_code == 1007
+    bomb = reader(passthrough=True, max_bytes=MIB)
+    feed(bomb, frame(BINARY, compress(b"\x00" * (64 * MIB)), rsv=RSV1))
+    assert bomb.events & Events.FAIL and bomb.fail_code == 1009
+
+
+def test_agreements_pass_only_what_the_receiver_can_inflate() -> None:
+    browser = accept_client_offer(["permessage-deflate; client_max_window_bits"])
+    assert browser is not None
+    plain_upstream = read_upstream_answer("permessage-deflate")
+    small_window = read_upstream_answer("permessage-deflate; client_max_window_bits=10")
+    no_context = read_upstream_answer("permessage-deflate; client_no_context_takeover")
+    assert plain_upstream is not None and small_window is not None and no_context is not None
+    assert browser.passes_to(plain_upstream)
+    assert not browser.passes_to(small_window)  # the client compresses with 2**13, the upstream allows 2**10
+    assert not browser.passes_to(no_context)  # the client keeps its context, the upstream refuses it
+    assert plain_upstream.passes_to(browser)
