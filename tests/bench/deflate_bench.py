@@ -16,18 +16,29 @@ extension too. Rows, per message size:
   deflater alone (what pass-through would save over transcode).
 
 CPU is this process's (``time.process_time``), per message and per MiB of inflated text.
+
+``--memory N`` instead opens N sessions through a ``wsgate serve`` subprocess to a compressing aiohttp
+echo upstream, each with one message each way (so every zlib object a session keeps exists), and prints
+the gateway's RSS growth per session: plain, compressed with pass-through, and compressed with a JSON rule
+on the client's messages (that direction inflated and compressed again).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
+import socket
 import struct
+import subprocess
+import sys
+import tempfile
 import time
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 from proxy.deflate import Deflater, Inflater
 from proxy.protocol import FrameReader
@@ -36,7 +47,7 @@ MIB = 1 << 20
 
 
 def json_text(size: int, seed: int) -> bytes:
-    """JSON-like text of about ``size`` bytes: repeated keys, varying numbers and words."""
+    """A JSON document of about ``size`` bytes: repeated keys, varying numbers and words."""
     rng = random.Random(seed)
     words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india"]
     items, total = [], 0
@@ -49,7 +60,10 @@ def json_text(size: int, seed: int) -> bytes:
         }
         items.append(item)
         total += len(json.dumps(item)) + 2
-    return json.dumps({"kind": "quotes", "items": items}).encode()[:size].ljust(size, b" ")
+        if total > size - 200:
+            break
+    text = json.dumps({"kind": "quotes", "items": items})
+    return json.dumps({"kind": "quotes", "items": items, "pad": "-" * max(0, size - len(text) - 11)}).encode()
 
 
 def client_frame(first_byte: int, payload: bytes) -> bytes:
@@ -130,10 +144,94 @@ def measure(size: int, count: int) -> list[tuple[str, float]]:
     return rows
 
 
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+async def _sessions_rss(sessions: int, compression: bool, rules: str) -> float:
+    """KiB of gateway RSS per open session, with one message each way."""
+    import websockets
+    from aiohttp import WSMsgType, web
+
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(compress=True)
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type == WSMsgType.TEXT:
+                await ws.send_str(message.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/echo", echo)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    upstream_port = runner.addresses[0][1]
+    with tempfile.TemporaryDirectory() as tmp:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        policy = Path(tmp) / "policy.yaml"
+        policy.write_text(
+            f'version: 1\nlisten: {{address: "127.0.0.1:{port}"}}\nadmin: {{address: "127.0.0.1:0"}}\n'
+            f"routes:\n  - path: /echo\n    upstream: ws://127.0.0.1:{upstream_port}/echo\n    auth: none\n"
+            f"    compression: {{client: {str(compression).lower()}, upstream: {str(compression).lower()}}}\n"
+            + rules
+        )
+        # its log goes nowhere: a pipe nobody reads would stop it once full
+        command = [sys.executable, "-m", "proxy", "serve", "-c", str(policy), "--log-level", "error"]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(100):
+                try:
+                    socket.create_connection(("127.0.0.1", port), 1).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            message = json_text(1024, 1).decode()
+            clients = []
+            baseline = 0
+            for index in range(sessions + 20):
+                if index == 20:  # the first sessions warm the process up
+                    await asyncio.sleep(0.5)
+                    baseline = _rss(process.pid)
+                ws = await websockets.connect(f"ws://127.0.0.1:{port}/echo", compression="deflate")
+                await ws.send(message)
+                await ws.recv()
+                clients.append(ws)
+            await asyncio.sleep(0.5)
+            grown = _rss(process.pid) - baseline
+            for ws in clients:
+                await ws.close()
+            return grown / sessions / 1024
+        finally:
+            process.terminate()
+            process.wait(10)
+            await runner.cleanup()
+
+
+def memory(sessions: int) -> None:
+    print(f"\ngateway RSS per idle session after one 1 KiB message each way ({sessions} sessions)")
+    for name, compression, rules in (
+        ("plain", False, ""),
+        ("compressed, passed through", True, ""),
+        ("compressed, client JSON rule", True, "    messages: {client: {json: true}}\n"),
+    ):
+        print(f"{name:<32}{asyncio.run(_sessions_rss(sessions, compression, rules)):>8.1f} KiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tenth of the work")
+    parser.add_argument("--memory", type=int, metavar="N", help="measure RSS per session over N sessions")
     args = parser.parse_args()
+    if args.memory:
+        memory(args.memory)
+        return
     scale = 10 if args.quick else 1
     measure(1024, 20000 // scale)
     measure(65536, 1000 // scale)
