@@ -8,6 +8,8 @@ import struct
 import zlib
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from proxy.deflate import (
     UPSTREAM_OFFER,
@@ -461,3 +463,31 @@ def test_agreements_pass_only_what_the_receiver_can_inflate() -> None:
     assert not browser.passes_to(small_window)  # the client compresses with 2**13, the upstream allows 2**10
     assert not browser.passes_to(no_context)  # the client keeps its context, the upstream refuses it
     assert plain_upstream.passes_to(browser)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.binary(max_size=3000), min_size=1, max_size=4),
+    st.integers(min_value=1, max_value=4),
+    st.integers(min_value=1, max_value=700),
+    st.sampled_from(["transcode", "passthrough", "plain-out"]),
+)
+def test_any_messages_in_any_fragments_and_reads_arrive_whole(
+    bodies: list[bytes], fragments: int, chunk: int, mode: str
+) -> None:
+    """Compressed with context takeover, cut into fragments and reads anywhere: the receiver gets the same
+    messages, compressed or not as its hop agreed."""
+    peer = zlib.compressobj(6, zlib.DEFLATED, -15)
+    wire = b""
+    for body in bodies:
+        data = compress(body, stream=peer)
+        step = max(1, len(data) // fragments)
+        parts = [data[i : i + step] for i in range(0, len(data), step)] or [b""]
+        for index, part in enumerate(parts):
+            first, last = index == 0, index == len(parts) - 1
+            wire += frame(BINARY if first else CONT, part, fin=last, rsv=RSV1 if first else 0)
+    core = reader(deflate=mode == "transcode", passthrough=mode == "passthrough")
+    out = feed(core, *(wire[i : i + chunk] for i in range(0, len(wire), chunk)))
+    assert core.events == Events.NONE
+    wbits = 12 if mode == "transcode" else 15
+    assert [body for _, body, _ in inflate_messages(out, wbits=wbits)] == bodies
