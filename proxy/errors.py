@@ -14,7 +14,7 @@ else::
     ├── AdminRequestError   an admin API request refused as it stands (a bad selector or reason): 400
     ├── LimiterUnavailable  the shared limiter (Redis) could not decide in time and on_error is deny: 503
     └── PeerError           one side of a session must be closed, with ``code`` and ``reason``
-        ├── ProtocolError   it broke RFC 6455: 1002 (1007 for a close reason that is not UTF-8)
+        ├── ProtocolError   it broke RFC 6455 or 7692: 1002 (1007: a close reason not UTF-8, bad deflate)
         ├── MessageTooBig   a message over max_message_bytes or max_fragments: 1009
         └── RuleBroken      a message rule in "close" mode refused a message: the rule's code
 

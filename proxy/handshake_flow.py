@@ -25,10 +25,12 @@ from collections.abc import Callable
 from typing import Any
 
 from proxy import logs
+from proxy.deflate import Agreement, accept_client_offer
 from proxy.errors import DRAINING, INTERNAL, Rejection, UpstreamError
 from proxy.frames import accept_key
 from proxy.guards.slots import LimiterSlots
 from proxy.handshake import Admission, Pipeline
+from proxy.headers import header_values
 from proxy.listener import HandshakeProtocol, http_response
 from proxy.metrics import NO_ROUTE, Metrics
 from proxy.pool import Endpoint, Pools
@@ -163,9 +165,14 @@ class HandshakeFlow:
         started: float,
     ) -> Session:
         """Answer 101, register the session (it owns ``slots`` from here on) and start its relay."""
-        connection.accept(_switching_protocols(request, upstream))
-        self._upgraded(connection)
         route = admission.route
+        client_deflate = (
+            accept_client_offer(header_values(request.headers, "sec-websocket-extensions"))
+            if route.compression.client
+            else None
+        )
+        connection.accept(_switching_protocols(request, upstream, client_deflate))
+        self._upgraded(connection)
         identity = admission.identity
         endpoint = upstream.endpoint
         session = Session(
@@ -186,7 +193,7 @@ class HandshakeFlow:
         if endpoint is not None:
             endpoint.sessions += 1  # given back by on_finish
         try:
-            self._relay(session, connection, request, admission, upstream, started)
+            self._relay(session, connection, request, admission, upstream, started, client_deflate)
         except BaseException:
             self._sessions.remove(session)  # never relayed, so it would never finish by itself
             if endpoint is not None:
@@ -202,6 +209,7 @@ class HandshakeFlow:
         admission: Admission,
         upstream: UpstreamConnection,
         started: float,
+        client_deflate: Agreement | None,
     ) -> None:
         """Count and log the session's opening, and start relaying its frames."""
         route, identity = admission.route, admission.identity
@@ -220,6 +228,8 @@ class HandshakeFlow:
             token=identity.fingerprint if identity else None,
             client_subject=_subject(request.client_certificate),
             handshake_ms=round(handshake_seconds * 1000, 1),
+            client_deflate=client_deflate.header if client_deflate else None,
+            upstream_deflate=upstream.deflate.header if upstream.deflate else None,
         )
         start_relay(
             session,
@@ -228,6 +238,8 @@ class HandshakeFlow:
             connection.pending,
             upstream.pending,
             upstream.handshake.lost,
+            client_deflate,
+            upstream.deflate,
         )
 
     def _finished_on(self, endpoint: Endpoint) -> Callable[[Session], None]:
@@ -271,8 +283,11 @@ def _subject(certificate: ClientCertificate | None) -> str | None:
     return certificate.subject if certificate is not None else None
 
 
-def _switching_protocols(request: HandshakeRequest, upstream: UpstreamConnection) -> bytes:
-    """The 101 for the client: its accept key, the upstream's subprotocol and response headers."""
+def _switching_protocols(
+    request: HandshakeRequest, upstream: UpstreamConnection, client_deflate: Agreement | None
+) -> bytes:
+    """The 101 for the client: its accept key, the upstream's subprotocol and response headers, and the
+    gateway's own answer to the client's permessage-deflate offer (the upstream's is its own hop's)."""
     headers: list[tuple[str, str]] = [
         ("Upgrade", "websocket"),
         ("Connection", "Upgrade"),
@@ -280,6 +295,8 @@ def _switching_protocols(request: HandshakeRequest, upstream: UpstreamConnection
     ]
     if upstream.subprotocol is not None:
         headers.append(("Sec-WebSocket-Protocol", upstream.subprotocol))
+    if client_deflate is not None:
+        headers.append(("Sec-WebSocket-Extensions", client_deflate.header))
     headers.append(("X-Request-Id", request.request_id))
     headers.extend(upstream.response_headers)
     return http_response(101, headers)

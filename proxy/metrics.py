@@ -73,6 +73,7 @@ class RouteCounters:
     __slots__ = (
         "bytes",
         "closes",
+        "compressed",
         "connections",
         "handshake_seconds",
         "messages",
@@ -87,6 +88,9 @@ class RouteCounters:
         #: Totals of finished sessions, by direction; live sessions are added at scrape time.
         self.messages = {FROM_CLIENT: 0, FROM_UPSTREAM: 0}
         self.bytes = {FROM_CLIENT: 0, FROM_UPSTREAM: 0}
+        #: permessage-deflate messages by (direction, hop): "received" compressed from the sender,
+        #: "sent" compressed by the gateway for the receiver, "passed" on compressed as they came.
+        self.compressed: dict[tuple[str, str], int] = {}
         self.violations: dict[Rule, int] = {}
         self.rejections: dict[str, int] = {}
         self.closes: dict[tuple[str, str], int] = {}
@@ -112,6 +116,19 @@ def close_code_label(code: int | None, initiator: str | None) -> str:
     if initiator == "client" and 3000 <= code <= 4999:
         return f"{code // 1000}xxx"
     return str(code)
+
+
+def session_compressed(session: Session) -> dict[tuple[str, str], int]:
+    """A session's compressed messages, keyed as :attr:`RouteCounters.compressed` (none: empty)."""
+    counts: dict[tuple[str, str], int] = {}
+    for direction, reader in ((FROM_CLIENT, session.client.reader), (FROM_UPSTREAM, session.upstream.reader)):
+        if reader.inflated:
+            counts[(direction, "received")] = reader.inflated
+        if reader.deflated:
+            counts[(direction, "sent")] = reader.deflated
+        if reader.passed:
+            counts[(direction, "passed")] = reader.passed
+    return counts
 
 
 def session_violations(session: Session) -> dict[Rule, int]:
@@ -183,6 +200,7 @@ class Metrics:
         counters.bytes[FROM_CLIENT] += session.client.bytes
         counters.bytes[FROM_UPSTREAM] += session.upstream.bytes
         _add(counters.violations, session_violations(session))
+        _add(counters.compressed, session_compressed(session))
         key = (close_code_label(session.close_code, session.initiator), session.initiator or "")
         counters.closes[key] = counters.closes.get(key, 0) + 1
         counters.session_seconds.observe(session.duration)
@@ -217,6 +235,7 @@ class WsgateCollector(Collector):
         messages = {path: dict(c.messages) for path, c in metrics.routes.items()}
         sent = {path: dict(c.bytes) for path, c in metrics.routes.items()}
         violations = {path: dict(c.violations) for path, c in metrics.routes.items()}
+        compressed = {path: dict(c.compressed) for path, c in metrics.routes.items()}
         for session in metrics.live():
             path = session.route.path
             active[path] = active.get(path, 0) + 1
@@ -227,6 +246,7 @@ class WsgateCollector(Collector):
             route_bytes[FROM_CLIENT] += session.client.bytes
             route_bytes[FROM_UPSTREAM] += session.upstream.bytes
             _add(violations.setdefault(path, {}), session_violations(session))
+            _add(compressed.setdefault(path, {}), session_compressed(session))
 
         gauge = GaugeMetricFamily("wsgate_connections_active", "Live WebSocket sessions.", labels=["route"])
         for path, count in sorted(active.items()):
@@ -276,6 +296,16 @@ class WsgateCollector(Collector):
                     if path != NO_ROUTE:
                         counter.add_metric([path, direction], count)
             yield counter
+
+        counter = CounterMetricFamily(
+            "wsgate_compressed_messages",
+            "permessage-deflate messages: received compressed, compressed by wsgate, passed as they came.",
+            labels=["route", "direction", "hop"],
+        )
+        for path, by_key in sorted(compressed.items()):
+            for (direction, hop), count in sorted(by_key.items()):
+                counter.add_metric([path, direction, hop], count)
+        yield counter
 
         counter = CounterMetricFamily(
             "wsgate_closes",

@@ -28,6 +28,7 @@ from __future__ import annotations
 from codecs import utf_8_decode
 from enum import IntFlag
 
+from proxy.deflate import Deflater, Inflater
 from proxy.errors import MessageTooBig, PeerError, ProtocolError, RuleBroken
 from proxy.frames import (
     MaskSource,
@@ -44,12 +45,18 @@ from proxy.rules import MessageChecker, Violation
 FRAMES_PER_TURN = 2048
 #: Pieces of a frame smaller than this are held until this much (or the frame's end) arrived.
 HOLD_BYTES = 4096
+#: Inflated bytes one turn produces at most before the rest of its read waits for the next turn (and for
+#: the other side's write buffer to drain): 256 KiB read can inflate to far more than 256 KiB written.
+TURN_INFLATED_BYTES = 1 << 20
 
-#: What happens to the payload of the frame being read.
-_FORWARD, _UTF8, _GATHER, _SKIP = 0, 1, 2, 3
+#: What happens to the payload of the frame being read (RFC 7692: _TRANSCODE inflated and/or compressed
+#: again, _SHADOW passed on compressed as it came while a shadow inflater keeps its size and context).
+_FORWARD, _UTF8, _GATHER, _SKIP, _TRANSCODE, _SHADOW = 0, 1, 2, 3, 4, 5
 _TEXT, _CLOSE, _PING, _PONG = 0x1, 0x8, 0x9, 0xA
 _FIN = 0x80
 _RSV = 0x70
+_RSV1 = 0x40
+_RSV23 = 0x30
 
 #: One source of masking keys per process: a key per frame sent upstream, and the payloads of pings.
 MASKS = MaskSource()
@@ -79,21 +86,26 @@ class FrameReader:
     """
 
     __slots__ = (
+        "_compressed",
+        "_compressed_limit",
         "_fin",
         "_fragments",
         "_frame_key",
         "_gathered",
         "_hold",
         "_in_message",
+        "_inflated",
         "_message_bytes",
         "_message_mode",
         "_message_opcode",
         "_mode",
         "_offset",
         "_out_opcode",
+        "_out_started",
         "_partial",
         "_partial_at",
         "_remaining",
+        "_turn_bytes",
         "_utf8_tail",
         "backlogged",
         "bytes",
@@ -101,16 +113,22 @@ class FrameReader:
         "close_code",
         "close_payload",
         "close_reason",
+        "deflated",
+        "deflater",
         "discarding",
         "events",
         "fail_code",
         "fail_reason",
+        "inflated",
+        "inflater",
         "last_data",
         "masked",
         "max_fragments",
         "max_message_bytes",
         "messages",
         "oversized",
+        "passed",
+        "passthrough",
         "ping_payload",
     )
 
@@ -120,10 +138,35 @@ class FrameReader:
         max_message_bytes: int,
         max_fragments: int,
         checker: MessageChecker | None = None,
+        inflater: Inflater | None = None,
+        deflater: Deflater | None = None,
+        passthrough: bool = False,
     ) -> None:
         self.masked = masked
         self.max_message_bytes = max_message_bytes
         self.max_fragments = max_fragments
+        #: permessage-deflate (RFC 7692): the inflater of this side's compressed messages when its hop
+        #: negotiated the extension (else RSV1 is a protocol error), and the deflater of the messages it
+        #: sends when the other hop did (else they go plain).
+        self.inflater = inflater
+        self.deflater = deflater
+        #: Compressed messages pass to the other side as they came (both hops agreed to compatible
+        #: parameters, and no rule gathers this direction's messages or drops one): the inflater only
+        #: counts their size, checks UTF-8 and keeps the context. Set with an inflater and without a
+        #: deflater (plain messages pass plain).
+        self.passthrough = passthrough
+        #: Messages from this side that arrived compressed, messages compressed for the other side, and
+        #: compressed messages passed on as they came.
+        self.inflated = 0
+        self.deflated = 0
+        self.passed = 0
+        #: A compressed message's wire bytes may exceed what it inflates to by a little (stored blocks,
+        #: flushes); more than this is no deflate stream a real compressor writes.
+        self._compressed_limit = max_message_bytes + (max_message_bytes >> 3) + 1024
+        self._compressed = 0
+        self._inflated = 0
+        self._out_started = False
+        self._turn_bytes = 0
         #: The direction's message rules, or None when only frame syntax and size are checked.
         self.checker = checker
         #: What the last receive_data call found, besides frames to forward.
@@ -140,7 +183,8 @@ class FrameReader:
         self.close_reason = ""
         #: After the gateway closed this side: frames are skipped until its close frame.
         self.discarding = False
-        #: Data messages and payload bytes received (those skipped from their first frame excluded).
+        #: Data messages and payload bytes received (those skipped from their first frame excluded; a
+        #: compressed message's bytes as it inflated).
         self.messages = 0
         self.bytes = 0
         #: Whether this side was closed for a message over the size or fragment limit.
@@ -204,6 +248,7 @@ class FrameReader:
         the other side, in order. What else happened is in :attr:`events`."""
         self.events = Events.NONE
         self.backlogged = False
+        self._turn_bytes = 0
         pieces: list[bytes | bytearray] = []
         if self.close_payload is not None:
             return pieces  # nothing may follow a close frame (RFC 6455 5.5.1)
@@ -241,6 +286,7 @@ class FrameReader:
         masked = self.masked
         mask_bit = 0x80 if masked else 0
         checker = self.checker
+        deflater = self.deflater
         run = -1  # start of the bytes passed on unchanged since then (frames from the upstream only)
         length = hlen = 0
         opcode = -1
@@ -292,7 +338,11 @@ class FrameReader:
                         "unmasked frame from the client" if masked else "masked frame from the upstream"
                     )
                 if b0 & _RSV:
-                    raise ProtocolError("reserved bits set, but no extension was negotiated")
+                    if b0 & _RSV23 or self.inflater is None:
+                        raise ProtocolError("reserved bits set, but no extension was negotiated")
+                    if opcode & 0x8 or opcode == 0:
+                        # RFC 7692 6: RSV1 marks a compressed message on its first frame only.
+                        raise ProtocolError("RSV1 set on a control frame or a continuation")
                 if (b1 & 0x7F == 126 and length < 126) or (b1 & 0x7F == 127 and length < 65536):
                     raise ProtocolError("frame length not in its shortest form")  # RFC 6455 5.2
                 if length >> 63:
@@ -346,7 +396,8 @@ class FrameReader:
                     if self._fragments > self.max_fragments:
                         raise MessageTooBig(f"message in more than {self.max_fragments} fragments")
                     total = self._message_bytes + length
-                    if total > self.max_message_bytes:
+                    compressed = self._compressed
+                    if total > (self._compressed_limit if compressed else self.max_message_bytes):
                         raise MessageTooBig(f"message larger than {self.max_message_bytes} bytes")
                     mode = self._message_mode
                     if checker is not None and mode != _SKIP:
@@ -358,8 +409,14 @@ class FrameReader:
                         raise ProtocolError(f"unknown opcode {opcode}")
                     if self._in_message:
                         raise ProtocolError("new message before the previous one ended")
-                    if length > self.max_message_bytes:
+                    # A compressed message's size is known only as it inflates: its wire bytes are bounded
+                    # here, what it inflates to by the inflater.
+                    compressed = b0 & _RSV1
+                    if length > (self._compressed_limit if compressed else self.max_message_bytes):
                         raise MessageTooBig(f"message larger than {self.max_message_bytes} bytes")
+                    self._compressed = compressed
+                    if compressed:
+                        self._inflated = 0
                     total = length
                     self._fragments = 1
                     self._message_opcode = opcode
@@ -382,8 +439,13 @@ class FrameReader:
                 self._in_message = not fin
                 self._message_bytes = 0 if fin else total
                 self.last_data = now
-                if mode != _SKIP:
-                    self.bytes += length
+                if mode != _SKIP and not compressed:
+                    self.bytes += length  # a compressed message's are counted as it inflates
+                if (compressed or deflater is not None) and (mode != _SKIP or compressed):
+                    # _SHADOW: passed on as it came, its first frame header keeping RSV1. _TRANSCODE:
+                    # inflated, checked, and compressed again (or sent plain); a dropped compressed
+                    # message is inflated too, so that the context of the next one stays right.
+                    mode = _SHADOW if compressed and self.passthrough else _TRANSCODE
                 if end <= size and mode <= _UTF8:
                     # The common case, written out: a whole frame passed on.
                     if mode == _UTF8:
@@ -412,7 +474,7 @@ class FrameReader:
                 self._mode = mode
                 self._remaining = length
                 self._offset = 0
-                self._out_opcode = opcode
+                self._out_opcode = (opcode | _RSV1) if mode == _SHADOW and opcode else opcode
                 if masked:
                     self._frame_key = buf[pos + hlen - 4 : pos + hlen]
                 pos += hlen
@@ -424,6 +486,8 @@ class FrameReader:
                 if not ok or not self._frame_done(pieces):
                     self._read(buf, pos, now, pieces)
                     return
+                if self._turn_bytes > TURN_INFLATED_BYTES:
+                    budget = 0  # the rest of the read waits for its turn
         except PeerError as error:
             if run >= 0:
                 pieces.append(buf[run:pos])
@@ -516,6 +580,12 @@ class FrameReader:
         last = not self._remaining
         if not count and not last:
             return True  # the header alone arrived: nothing to pass on yet
+        if mode == _TRANSCODE:
+            return self._transcode(self._plain(buf, start, stop, -1, offset), last and self._fin, pieces)
+        if mode == _SHADOW:
+            if not self._shadow(self._plain(buf, start, stop, -1, offset), last and self._fin):
+                return False
+            mode = _FORWARD  # the compressed bytes, passed on as they came
         if mode == _GATHER:
             self._gathered += self._plain(buf, start, stop, -1, offset)
             return True
@@ -562,6 +632,14 @@ class FrameReader:
         if not self._fin:
             return True
         mode = self._mode
+        if mode == _SHADOW:
+            self.inflated += 1
+            self.passed += 1
+        transcoding = mode == _TRANSCODE
+        if transcoding:
+            mode = self._message_mode
+            if self._compressed and mode != _SKIP:
+                self.inflated += 1
         if mode == _GATHER:
             checker = self.checker
             assert checker is not None
@@ -573,6 +651,10 @@ class FrameReader:
                     return False
                 checker.dropped += 1
                 return True
+            if transcoding:
+                self._emit(gathered, True, pieces)
+                self.messages += 1
+                return True
             # Header and payload as two pieces, masked in place: the gathered buffer is handed over as it
             # is, not copied once more.
             key = MASKS.next() if self.masked else None
@@ -583,6 +665,92 @@ class FrameReader:
         if mode != _SKIP:
             self.messages += 1
         return True
+
+    def _transcode(self, data: bytes | bytearray, final: bool, pieces: list[bytes | bytearray]) -> bool:
+        """The next payload bytes of a message that is compressed on this hop, or is to be compressed for
+        the other: inflated (within what the message may still grow by), checked as the message's mode
+        says, and passed on. False when they broke a limit, the stream or a rule (the failure is
+        recorded)."""
+        if self._compressed:
+            assert self.inflater is not None
+            try:
+                data = self.inflater.inflate(data, final, self.max_message_bytes - self._inflated)
+            except PeerError as error:
+                if isinstance(error, MessageTooBig):
+                    self.oversized = True
+                self._fail(error.code, error.reason)
+                return False
+            self._inflated += len(data)
+            if self._message_mode != _SKIP:
+                self.bytes += len(data)
+        self._turn_bytes += len(data)
+        mode = self._message_mode
+        if mode == _SKIP:
+            return True  # a dropped message, inflated only to keep the context
+        if mode == _GATHER:
+            self._gathered += data
+            return True
+        if mode == _UTF8 and not self._utf8_ok(data, final):
+            violation = self._invalid_utf8()
+            self._fail(violation.code, violation.reason)
+            return False
+        self._emit(data, final, pieces)
+        return True
+
+    def _shadow(self, data: bytes | bytearray, final: bool) -> bool:
+        """The next compressed bytes of a message passed on as it came: inflated only to count its size
+        (1009 past the limit, 1007 for a corrupt stream, as for any compressed message), to check UTF-8
+        as the text passes, and to keep the context the next message needs; the inflated bytes are then
+        dropped. False on a failure."""
+        assert self.inflater is not None
+        try:
+            out = self.inflater.inflate(data, final, self.max_message_bytes - self._inflated)
+        except PeerError as error:
+            if isinstance(error, MessageTooBig):
+                self.oversized = True
+            self._fail(error.code, error.reason)
+            return False
+        if self._message_mode == _UTF8 and not self._utf8_ok(out, final):
+            violation = self._invalid_utf8()
+            self._fail(violation.code, violation.reason)
+            return False
+        inflated = len(out)
+        self._inflated += inflated
+        self.bytes += inflated
+        self._turn_bytes += inflated
+        return True
+
+    def _emit(self, data: bytes | bytearray, final: bool, pieces: list[bytes | bytearray]) -> None:
+        """Pass on the next plain bytes of a message: compressed when the other hop negotiated
+        permessage-deflate (RSV1 on its first frame), else as they are. Small pieces are held until
+        HOLD_BYTES (zlib holds them itself when compressing), so the other side gets few frames."""
+        deflater = self.deflater
+        if deflater is not None:
+            payload: bytes | bytearray = deflater.deflate(data, final)
+            if final:
+                self.deflated += 1
+        else:
+            if self._hold or (len(data) < HOLD_BYTES and not final):
+                self._hold += data
+                if len(self._hold) < HOLD_BYTES and not final:
+                    return
+                data, self._hold = self._hold, bytearray()
+            payload = data
+        if not payload and not final:
+            return
+        if self._out_started:
+            first_byte = _FIN if final else 0
+        else:
+            first_byte = (
+                (_FIN if final else 0) | self._message_opcode | (_RSV1 if deflater is not None else 0)
+            )
+        self._out_started = not final
+        if self.masked:
+            key = MASKS.next()
+            pieces.append(encode_header(first_byte, len(payload), key) + apply_mask(payload, key))
+        else:
+            pieces.append(encode_header(first_byte, len(payload), None))
+            pieces.append(payload)
 
     def _fail(self, code: int, reason: str) -> None:
         """The side broke a rule, a limit or the protocol: report it, and skip its frames from now on."""

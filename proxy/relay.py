@@ -32,6 +32,7 @@ import termios
 import time
 
 from proxy import logs
+from proxy.deflate import Agreement
 from proxy.errors import (
     CLIENT_CLOSED_BY_GATEWAY,
     CLIENT_WENT_AWAY,
@@ -68,6 +69,7 @@ class Leg(asyncio.Protocol):
         "_ping_queued_after",
         "_ping_sent_at",
         "_resumed_at",
+        "_turn_waiting",
         "backlogged",
         "close_received",
         "close_sent",
@@ -95,6 +97,8 @@ class Leg(asyncio.Protocol):
         #: because a read held more frames than one turn takes.
         self.throttled = False
         self.backlogged = False
+        #: Whether the next turn of a backlog waits for the other side's write buffer to drain.
+        self._turn_waiting = False
         #: Bytes written to this side's transport: with what is still queued, how much it took.
         self.sent = 0
         #: At the last keepalive check: how much of ``sent`` the side had taken, and how much was sent
@@ -199,8 +203,14 @@ class Leg(asyncio.Protocol):
         self.transport.resume_reading()
 
     def _next_turn(self) -> None:
-        if not self.lost:
-            self.data_received(b"")
+        if self.lost:
+            return
+        if self.throttled and not self.reader.discarding:
+            # The other side's write buffer is full: the rest of the read (which may inflate to much
+            # more than it is) waits for it to drain.
+            self._turn_waiting = True
+            return
+        self.data_received(b"")
 
     def pause_writing(self) -> None:
         """Our transport's buffer is full: stop reading from the side that fills it."""
@@ -215,7 +225,11 @@ class Leg(asyncio.Protocol):
         peer = self.peer
         if peer.throttled:
             peer.throttled = False
-            peer._read_again()
+            if peer._turn_waiting:
+                peer._turn_waiting = False
+                peer.session.loop.call_soon(peer._next_turn)
+            else:
+                peer._read_again()
 
     def eof_received(self) -> bool:
         """A half-close ends the leg like a reset; returning False lets asyncio close the transport."""
@@ -426,10 +440,13 @@ def start_relay(
     client_pending: bytes,
     upstream_pending: bytes,
     upstream_already_lost: bool,
+    client_deflate: Agreement | None = None,
+    upstream_deflate: Agreement | None = None,
 ) -> None:
     """Hand both connections to a new pair of legs and start reading.
 
-    ``*_pending`` are the bytes that arrived right behind each side's handshake.
+    ``*_pending`` are the bytes that arrived right behind each side's handshake; ``*_deflate`` what each
+    hop agreed to for permessage-deflate (None: that hop is uncompressed).
     """
     route = session.route
     limits = route.limits
@@ -438,27 +455,19 @@ def start_relay(
     upstream_bytes = (
         route.upstream_rules.max_message_bytes if route.upstream_rules else limits.max_message_bytes
     )
+    client_checker = _checker(route.client_rules, route.message_rate, now)
+    upstream_checker = _checker(route.upstream_rules, None, now)
     client = Leg(
         session,
         "client",
         client_transport,
-        FrameReader(
-            True,
-            client_bytes,
-            limits.fragments_allowed(client_bytes),
-            _checker(route.client_rules, route.message_rate, now),
-        ),
+        _reader(True, client_bytes, limits, client_checker, client_deflate, upstream_deflate),
     )
     upstream = Leg(
         session,
         "upstream",
         upstream_transport,
-        FrameReader(
-            False,
-            upstream_bytes,
-            limits.fragments_allowed(upstream_bytes),
-            _checker(route.upstream_rules, None, now),
-        ),
+        _reader(False, upstream_bytes, limits, upstream_checker, upstream_deflate, client_deflate),
     )
     client.reader.last_data = upstream.reader.last_data = now
     client.peer = upstream
@@ -478,6 +487,28 @@ def start_relay(
         if not leg.transport.is_closing():
             leg._read_again()
         leg.start_keepalive()
+
+
+def _reader(
+    masked: bool,
+    max_bytes: int,
+    limits: Limits,
+    checker: MessageChecker | None,
+    sender: Agreement | None,
+    receiver: Agreement | None,
+) -> FrameReader:
+    """The frame core of one direction, with permessage-deflate as its two hops agreed: an inflater when
+    the sender's hop negotiated it, a deflater when the receiver's did -- or, when both did with compatible
+    parameters and no rule needs a whole message or drops one, compressed messages passed as they came."""
+    inflater = sender.inflater() if sender is not None else None
+    # A message a rule gathers must be read whole, and one dropped would leave the receiver's inflater
+    # without the context the next message was compressed against: those directions are transcoded.
+    rules_allow = checker is None or not (checker.gathers_text or checker.drop or checker.rate_drop)
+    passthrough = sender is not None and receiver is not None and rules_allow and sender.passes_to(receiver)
+    deflater = receiver.deflater() if receiver is not None and not passthrough else None
+    return FrameReader(
+        masked, max_bytes, limits.fragments_allowed(max_bytes), checker, inflater, deflater, passthrough
+    )
 
 
 def _checker(rules: MessageRules | None, rate: MessageRate | None, now: float) -> MessageChecker | None:

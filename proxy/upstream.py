@@ -20,6 +20,7 @@ from urllib.parse import unquote_plus
 
 import h11
 
+from proxy.deflate import UPSTREAM_OFFER, Agreement, read_upstream_answer
 from proxy.errors import CloseCode, UpstreamError, UpstreamUnreachable
 from proxy.frames import Opcode, accept_key, close_payload, encode_frame, new_client_key
 from proxy.handshake import Admission, HandshakeRequest
@@ -77,6 +78,8 @@ class UpstreamConnection:
     pending: bytes
     #: The pool endpoint it went to (None for a health check's connection).
     endpoint: Endpoint | None = None
+    #: What the upstream agreed to for permessage-deflate, or None.
+    deflate: Agreement | None = None
 
 
 def _header_value(value: object) -> str:
@@ -138,6 +141,9 @@ def upstream_request_headers(
     ]
     if offered:
         headers.append(("sec-websocket-protocol", ", ".join(offered)))
+    if route.compression.upstream:
+        # The client's own offer is never forwarded: each hop is negotiated by the gateway itself.
+        headers.append(("sec-websocket-extensions", UPSTREAM_OFFER))
     for name, value in request.headers:
         if name in _NOT_FORWARDED or name in _GATEWAY_SET or name in named_hops or name in claim_headers:
             continue
@@ -247,20 +253,36 @@ _SKIP_IN_101 = _NOT_FORWARDED | {"date", "server"}
 
 
 def _check_101(
-    headers: list[tuple[str, str]], key: str, offered: list[str]
+    headers: list[tuple[str, str]], key: str, offered: list[str], deflate_offered: bool = False
 ) -> tuple[str | None, list[tuple[str, str]]]:
-    """Validate the upstream's 101 (RFC 6455 4.1); return its subprotocol and the headers to pass on."""
+    """Validate the upstream's 101 (RFC 6455 4.1); return its subprotocol and the headers to pass on.
+
+    Its extensions are validated against what the gateway offered (``deflate_offered``) and read with
+    :func:`upstream_deflate`."""
     if (header_value(headers, "upgrade") or "").lower() != "websocket":
         raise UpstreamError("upstream's 101 lacks 'Upgrade: websocket'")
     if header_value(headers, "sec-websocket-accept") != accept_key(key):
         raise UpstreamError("upstream Sec-WebSocket-Accept does not match the key sent")
-    if header_value(headers, "sec-websocket-extensions"):
+    extensions = [value for name, value in headers if name == "sec-websocket-extensions"]
+    if extensions and not deflate_offered:
         raise UpstreamError("upstream negotiated an extension the gateway did not offer")
+    if len(extensions) > 1:
+        raise UpstreamError("upstream answered more than one Sec-WebSocket-Extensions header")
+    upstream_deflate(headers)
     subprotocol = header_value(headers, "sec-websocket-protocol")
     if subprotocol is not None and subprotocol not in offered:
         raise UpstreamError(f"upstream chose subprotocol {subprotocol!r}, which the client did not offer")
     passed = [(name, value) for name, value in headers if name not in _SKIP_IN_101]
     return subprotocol, passed
+
+
+def upstream_deflate(headers: list[tuple[str, str]]) -> Agreement | None:
+    """What the upstream's 101 agreed to for permessage-deflate, or None.
+
+    Raises:
+        UpstreamError: an answer the gateway's offer does not allow (502).
+    """
+    return read_upstream_answer(header_value(headers, "sec-websocket-extensions"))
 
 
 @lru_cache(maxsize=32)
@@ -375,11 +397,13 @@ async def _connect_endpoint(
     )
     transport, protocol, response_headers, pending = await _open(upstream, target, headers, timeout)
     try:
-        subprotocol, passed = _check_101(response_headers, key, offered)
+        subprotocol, passed = _check_101(response_headers, key, offered, admission.route.compression.upstream)
     except BaseException:
         transport.abort()
         raise
-    return UpstreamConnection(transport, protocol, subprotocol, passed, pending)
+    return UpstreamConnection(
+        transport, protocol, subprotocol, passed, pending, deflate=upstream_deflate(response_headers)
+    )
 
 
 async def connect_upstream(

@@ -43,6 +43,7 @@ __all__ = [
     "AuthProvider",
     "CertificatePair",
     "ClaimRule",
+    "Compression",
     "Firewall",
     "FirewallRule",
     "ForwardClientCertificate",
@@ -439,6 +440,15 @@ class UpstreamPool:
 
 
 @dataclass(frozen=True, slots=True)
+class Compression:
+    """Whether permessage-deflate (RFC 7692) is negotiated on each hop; each hop is negotiated on its own.
+    Read at the handshake: a reload changes it for new sessions only."""
+
+    client: bool = key(True, kind=kinds.BOOL, help="accept a client's permessage-deflate offer", scopes=ROUTE)
+    upstream: bool = key(True, kind=kinds.BOOL, help="offer permessage-deflate to the upstream", scopes=ROUTE)
+
+
+@dataclass(frozen=True, slots=True)
 class MessageRules:
     """What one direction of a route may send, checked per message by the relay.
 
@@ -598,6 +608,12 @@ class Route:
     )
     upstream_tls: UpstreamTls | None = key(
         None, kind=kinds.section(UpstreamTls), help="verification of a wss:// upstream", scopes=ROUTE
+    )
+    compression: Compression = key(
+        kind=kinds.section(Compression),
+        help="permessage-deflate on each hop",
+        scopes=ROUTE,
+        default_factory=lambda: Compression(),
     )
     #: Message rules per direction (None: frame syntax and ``max_message_size`` only), client message rate.
     client_rules: MessageRules | None = key(

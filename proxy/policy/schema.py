@@ -15,6 +15,7 @@ from proxy.policy.declare import Declared, Kind, Scope, declarations
 from proxy.policy.model import (
     AuthProvider,
     CertificatePair,
+    Compression,
     Firewall,
     ForwardClientCertificate,
     HealthCheck,
@@ -44,6 +45,7 @@ SECTION_CLASSES: tuple[type, ...] = (
     UpstreamPool,
     HealthCheck,
     UpstreamTls,
+    Compression,
     MessageRules,
     Firewall,
     AuthProvider,

@@ -199,7 +199,12 @@ async def test_a_client_lost_while_the_upstream_was_held_back_lets_the_upstream_
     gw = await gateway(
         f"""
         limits: {{close_timeout: 5s}}
-        routes: [{{path: /flood, upstream: "{upstream.url("/flood")}", auth: none}}]
+        routes:
+          # uncompressed: the flood's repeated bytes, compressed, would fit in the buffers on the way
+          - path: /flood
+            upstream: "{upstream.url("/flood")}"
+            auth: none
+            compression: {{upstream: false}}
         """
     )
     # a client that reads nothing, with a small receive buffer: the upstream's stream fills the buffers on
