@@ -539,8 +539,8 @@ async def test_a_session_with_a_client_certificate_shows_and_logs_its_subject(
     upstream,
     client,
     secrets,
-    pki,
-    log_events,  # noqa: F811 - the imported fixture
+    pki,  # noqa: F811 - the fixture imported from test_hosts_tls
+    log_events,
 ):
     gw = await gateway(hosts_policy(upstream, tls_listen(pki, "optional", indent=0)))
     url = f"wss://127.0.0.1:{gw.port}/ws"
