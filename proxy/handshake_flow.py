@@ -188,6 +188,7 @@ class HandshakeFlow:
             origin=request.header("origin"),
             host=request.host,
             client_certificate=request.client_certificate,
+            endpoint=endpoint.label if endpoint is not None else route.upstream.endpoints[0].label,
         )
         self._sessions.add(session)
         if endpoint is not None:
@@ -221,7 +222,8 @@ class HandshakeFlow:
             client_ip=admission.client_ip,
             route=route.path,
             host=request.host,
-            upstream=upstream.endpoint.label if upstream.endpoint is not None else route.upstream.url,
+            endpoint=session.endpoint,
+            upstream=session.endpoint,  # the endpoint's older name, kept for existing log readers
             subprotocol=upstream.subprotocol,
             subject=identity.subject if identity else None,
             provider=identity.provider if identity else None,
@@ -263,6 +265,8 @@ class HandshakeFlow:
             request_id=session.request_id,
             client_ip=session.client_ip,
             route=session.route.path,
+            host=session.host,
+            endpoint=session.endpoint,
             initiator=session.initiator,
             code=session.close_code,
             reason=session.close_reason,

@@ -8,8 +8,9 @@ fan-out across replicas can reuse them. Guarantees:
 - anything an operator sends that is not understood (unknown field, wrong type, empty value, bad
   address, over-long reason) is an :class:`AdminRequestError` with a message saying exactly what, and
   nothing is closed;
-- :func:`describe` never holds a token or its claims: who the session is (subject, token id, provider),
-  where it came from and what it relayed.
+- :func:`describe` never holds a token or its claims: who the session is (subject, token id, provider,
+  client certificate subject), where it came from, where it went (route, host, endpoint) and what it
+  relayed.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from proxy.errors import AdminRequestError, Close, CloseCode
 from proxy.metrics import FROM_CLIENT, FROM_UPSTREAM
+from proxy.policy.values import parse_route_host
 
 if TYPE_CHECKING:
     from proxy.sessions import Session
@@ -44,11 +47,18 @@ class Selector:
     token_id: str | None = None
     #: The session's client IP is inside this network (a single address is a /32 or /128).
     client_ip: IPv4Network | IPv6Network | None = None
-    #: The route's path as the policy declares it (``/chat``, not the request's ``/chat/room/7``).
+    #: The route's path as the policy declares it (``/chat``, not the request's ``/chat/room/7``). Only the
+    #: path: routes of two hosts may share it, and ``host`` tells them apart.
     route: str | None = None
     request_id: str | None = None
     #: The auth provider that verified the session's token: subjects of two providers may be equal.
     provider: str | None = None
+    #: The route's ``host`` as the policy declares it, normalized (``chat.example.com``, ``*.example.com``):
+    #: exactly that route host, never the hosts a wildcard serves, and never a route without a host.
+    host: str | None = None
+    #: The label of the upstream endpoint a session is relayed to (``ws://10.0.0.5:8080/chat``): a URL is
+    #: read as its label is written (default port filled in, query left out).
+    endpoint: str | None = None
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -77,7 +87,7 @@ class Selector:
                 raise AdminRequestError(f"{name} must be a string, not {_json_type(value)}")
             if not value:
                 raise AdminRequestError(f"{name} must not be empty")
-            given[name] = _network(value) if name == "client_ip" else value
+            given[name] = _PARSED.get(name, _as_is)(value)
         return cls(**given)
 
     @classmethod
@@ -108,6 +118,10 @@ class Selector:
         if self.provider is not None and (identity is None or identity.provider != self.provider):
             return False
         if self.route is not None and session.route.path != self.route:
+            return False
+        if self.host is not None and session.route.host != self.host:
+            return False
+        if self.endpoint is not None and session.endpoint != self.endpoint:
             return False
         if self.request_id is not None and session.request_id != self.request_id:
             return False
@@ -191,14 +205,19 @@ def local_close(sessions: Callable[[], Iterable[Session]]) -> CloseSessions:
 def describe(session: Session) -> dict[str, Any]:
     """One session as the admin listing shows it (JSON-ready)."""
     identity = session.identity
+    certificate = session.client_certificate
     return {
         "request_id": session.request_id,
         "route": session.route.path,
+        "host": session.route.host,
+        "request_host": session.host,
         "path": session.request_path,
+        "endpoint": session.endpoint,
         "client_ip": session.client_ip,
         "subject": identity.subject if identity is not None else None,
         "token_id": identity.token_id if identity is not None else None,
         "provider": identity.provider if identity is not None else None,
+        "client_subject": certificate.subject if certificate is not None else None,
         "subprotocol": session.subprotocol,
         "opened_at": _iso(session.opened_at),
         "opened_at_unix": round(session.opened_at, 3),
@@ -210,6 +229,36 @@ def describe(session: Session) -> dict[str, Any]:
 
 def _iso(unix: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(unix)) + f".{int(unix % 1 * 1000):03d}Z"
+
+
+def _as_is(value: str) -> str:
+    return value
+
+
+def _route_host(value: str) -> str:
+    """The route host a ``host`` filter names, normalized as the policy's ``routes[].host`` is (an IPv6
+    address in brackets or, as a normalized host is written, without them)."""
+    try:
+        return (
+            str(ip_address(value)) if ":" in value and not value.startswith("[") else parse_route_host(value)
+        )
+    except ValueError as error:
+        raise AdminRequestError(f"host must be a route's host: {error}") from None
+
+
+def _endpoint_label(value: str) -> str:
+    """The endpoint label an ``endpoint`` filter names: a ws:// or wss:// URL, as
+    :attr:`~proxy.policy.values.Upstream.label` writes it (its query, which may hold a secret, dropped)."""
+    try:
+        split = urlsplit(value)
+        port = split.port
+    except ValueError:
+        split, port = None, None
+    if split is None or split.scheme not in ("ws", "wss") or not split.hostname:
+        raise AdminRequestError(f"endpoint must be a ws:// or wss:// URL, not {value[:100]!r}")
+    secure = split.scheme == "wss"
+    host = f"[{split.hostname}]" if ":" in split.hostname else split.hostname
+    return f"{split.scheme}://{host}:{port if port is not None else (443 if secure else 80)}{split.path}"
 
 
 def _network(value: str) -> IPv4Network | IPv6Network:
@@ -225,6 +274,14 @@ def _network(value: str) -> IPv4Network | IPv6Network:
     if mapped is not None and network.prefixlen >= 96:
         return IPv4Network((mapped, network.prefixlen - 96))
     return network
+
+
+#: How a selector field's text becomes its value (a field not named here is kept as sent).
+_PARSED: dict[str, Callable[[str], Any]] = {
+    "client_ip": _network,
+    "host": _route_host,
+    "endpoint": _endpoint_label,
+}
 
 
 def _in_network(client_ip: str, network: IPv4Network | IPv6Network) -> bool:

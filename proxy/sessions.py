@@ -33,6 +33,7 @@ class Session:
         "client_ip",
         "close_code",
         "close_reason",
+        "endpoint",
         "finished",
         "host",
         "identity",
@@ -64,6 +65,7 @@ class Session:
         origin: str | None = None,
         host: str | None = None,
         client_certificate: ClientCertificate | None = None,
+        endpoint: str | None = None,
     ) -> None:
         self.loop = loop
         self.request_id = request_id
@@ -74,6 +76,8 @@ class Session:
         #: The Host (normalized) its route was matched on, and the client certificate TLS verified.
         self.host = host
         self.client_certificate = client_certificate
+        #: The label of the pool endpoint it is relayed to (scheme, host, port, path; never a query).
+        self.endpoint = endpoint
         self.client_ip = client_ip
         self.subprotocol = subprotocol
         #: Who the token said the client is (None on an open route), and the limiter slots held, given

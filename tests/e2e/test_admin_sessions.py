@@ -21,10 +21,11 @@ import jwt
 import pytest
 from aiohttp import WSMsgType
 from conftest import policy_text
+from test_hosts_tls import client_context, pki, tls_listen  # noqa: F401 - pki is a fixture
 
 from proxy.errors import AdminRequestError
 from proxy.policy.load import parse_policy
-from proxy.session_control import Selector, close_reason
+from proxy.session_control import Selector, close_reason, close_request
 
 SECRET = "s" * 40
 ADMIN_TOKEN = "admin-token-0123456789-\u00e9"  # not ASCII: compared as bytes
@@ -349,11 +350,16 @@ async def test_serve_process_guards_sessions_and_never_logs_the_token(
         {"subject": "alice"},
         {"client_ip": "10.0.0.0/8", "route": "/echo"},
         {"client_ip": "2001:db8::/32", "token_id": "t", "request_id": "r", "subject": "s"},
+        {"host": "*.Rooms.example.com", "endpoint": "wss://10.0.0.5/chat?key=x"},
+        {"host": "[2001:DB8::1]", "endpoint": "ws://[2001:db8::1]:8080/"},
     ],
 )
 def test_a_selector_travels_as_its_mapping(values):
+    """As a replica's close request carries it over Redis, and as it is checked there."""
     selector = Selector.from_mapping(values)
     assert Selector.from_mapping(selector.to_mapping()) == selector
+    assert close_request({**selector.to_mapping(), "reason": "r"}) == (selector, "r")
+    assert "key=x" not in json.dumps(selector.to_mapping())
     assert not selector.empty
 
 
@@ -447,3 +453,143 @@ async def test_a_close_on_one_replica_closes_the_subject_on_every_replica_within
     for process, _, _ in replicas:
         assert not any("Traceback" in line for line in process.stderr)
         assert not any("admin-token-0123456789" in line for line in process.lines + process.stderr)
+
+
+# -- hosts, pool endpoints and client certificates ---------------------------------------------------
+
+
+def hosts_policy(upstream: Any, listen: str = "") -> str:
+    """Two hosts' routes on one path; one route is a pool of two endpoints of the same upstream (told apart
+    by their paths; the second's query stands for a secret no listing or log may show)."""
+    return f"""
+{listen}admin: {{address: "127.0.0.1:0", token_env: WSGATE_TEST_ADMIN_TOKEN}}
+limits: {{close_timeout: 1s}}
+routes:
+  - path: /ws
+    host: Chat.Example.com
+    upstream:
+      endpoints: ["{upstream.url("/one")}", "{upstream.url("/two")}?key=pool-secret"]
+      balance: round_robin
+    auth: none
+  - path: /ws
+    host: "*.rooms.example.com"
+    upstream: {upstream.url("/rooms")}
+    auth: none
+"""
+
+
+async def open_on(client: aiohttp.ClientSession, url: str, host: str, **options: Any) -> Any:
+    ws = await client.ws_connect(url, headers={"Host": host}, **options)
+    await ws.send_str("hello")
+    assert (await ws.receive(timeout=5)).data == "hello"
+    return ws
+
+
+async def test_sessions_are_listed_and_closed_by_route_host_and_endpoint(
+    gateway, upstream, client, secrets, log_events
+):
+    gw = await gateway(hosts_policy(upstream))
+    one, two = f"ws://127.0.0.1:{upstream.port}/one", f"ws://127.0.0.1:{upstream.port}/two"
+    chat = [await open_on(client, gw.url("/ws"), "chat.example.com") for _ in range(2)]
+    room = await open_on(client, gw.url("/ws"), "blue.rooms.example.com:8443")
+    everyone = await listed(client, gw)
+    assert sorted(entry["endpoint"] for entry in everyone) == sorted([one, two, upstream.url("/rooms")])
+    assert "pool-secret" not in json.dumps(everyone)
+    by_host = {entry["host"]: entry for entry in everyone}
+    assert by_host["*.rooms.example.com"]["request_host"] == "blue.rooms.example.com"
+    assert by_host["*.rooms.example.com"]["client_subject"] is None
+    assert {entry["route"] for entry in everyone} == {"/ws"}
+    # route alone matches by path: both hosts' routes
+    assert len(await listed(client, gw, "?route=/ws")) == 3
+    assert len(await listed(client, gw, "?host=CHAT.example.com.")) == 2  # normalized as routes[].host is
+    assert len(await listed(client, gw, "?host=*.rooms.example.com&route=/ws")) == 1
+    assert await listed(client, gw, "?host=blue.rooms.example.com") == []  # a route's host, not a request's
+    (on_two,) = await listed(client, gw, f"?endpoint={two}?key=whatever")  # the query is no part of a label
+    assert on_two["endpoint"] == two
+    assert [
+        e["endpoint"] for e in await listed(client, gw, f"?endpoint=ws://127.0.0.1:{upstream.port}/one")
+    ] == [one]
+    async with client.get(admin_url(gw, "/sessions?endpoint=http://x/"), headers=authorized()) as response:
+        assert response.status == 400
+        assert "endpoint must be a ws:// or wss:// URL" in (await response.json())["detail"]
+    async with client.get(admin_url(gw, "/sessions?host=a.example.com:80"), headers=authorized()) as response:
+        assert response.status == 400
+        assert "host must be a route's host" in (await response.json())["detail"]
+    # drain one endpoint
+    assert await close(client, gw, {"endpoint": two, "reason": "draining"}) == (200, {"closed": 1})
+    closed = await log_events.wait_for("session.close", request_id=on_two["request_id"])
+    assert (closed["host"], closed["endpoint"], closed["client_subject"]) == ("chat.example.com", two, None)
+    assert (closed["code"], closed["reason"]) == (1008, "draining")
+    opened = await log_events.wait_for("session.open", request_id=on_two["request_id"])
+    assert (opened["host"], opened["endpoint"]) == (closed["host"], closed["endpoint"])
+    (left,) = await listed(client, gw, "?host=chat.example.com")
+    assert left["endpoint"] == one
+    # close one host's route
+    assert await close(client, gw, {"host": "*.rooms.example.com"}) == (200, {"closed": 1})
+    message = await room.receive(timeout=5)
+    assert (message.type, message.data) == (WSMsgType.CLOSE, 1008)
+    assert [entry["endpoint"] for entry in await listed(client, gw)] == [one]
+    assert "pool-secret" not in repr(log_events.events)
+    for ws in chat:
+        await ws.close()
+
+
+async def test_a_session_with_a_client_certificate_shows_and_logs_its_subject(
+    gateway,
+    upstream,
+    client,
+    secrets,
+    pki,  # noqa: F811 - the fixture imported from test_hosts_tls
+    log_events,
+):
+    gw = await gateway(hosts_policy(upstream, tls_listen(pki, "optional", indent=0)))
+    url = f"wss://127.0.0.1:{gw.port}/ws"
+    ws = await open_on(client, url, "chat.example.com", ssl=client_context(pki, "alice"))
+    (entry,) = await listed(client, gw, "?host=chat.example.com")
+    assert entry["client_subject"] == "CN=alice,O=Example"
+    assert entry["request_host"] == "chat.example.com"
+    assert await close(client, gw, {"host": "chat.example.com"}) == (200, {"closed": 1})
+    assert (await ws.receive(timeout=5)).type == WSMsgType.CLOSE
+    closed = await log_events.wait_for("session.close", request_id=entry["request_id"])
+    assert closed["client_subject"] == "CN=alice,O=Example"
+    assert closed["host"] == "chat.example.com" and closed["endpoint"] == entry["endpoint"]
+    await ws.close()
+
+
+@pytest.mark.serve_process
+async def test_host_and_endpoint_selectors_reach_every_worker_through_the_supervisor(
+    upstream, wsgate_process, tmp_path
+):
+    from test_workers import start_workers
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_text('listen: {address: "127.0.0.1:0"}\n' + hosts_policy(upstream)))
+    workers = await start_workers(wsgate_process, policy, env={"WSGATE_TEST_ADMIN_TOKEN": ADMIN_TOKEN})
+    two = f"ws://127.0.0.1:{upstream.port}/two"
+    async with aiohttp.ClientSession() as client:
+        opened = []
+        for _ in range(200):  # until both workers have a session on each endpoint
+            opened.append(await open_on(client, workers.url("/ws"), "chat.example.com"))
+            await asyncio.sleep(0.01)  # the session.open line reaches the log
+            seen = {(entry["worker"], entry["endpoint"]) for entry in workers.process.events("session.open")}
+            if len(seen) == 4:
+                break
+        assert len(seen) == 4, seen
+        on_two = [e for e in workers.process.events("session.open") if e["endpoint"] == two]
+        status, body = await workers.get(f"/sessions?host=chat.example.com&endpoint={two}", **authorized())
+        assert status == 200
+        assert {entry["request_id"] for entry in json.loads(body)} == {e["request_id"] for e in on_two}
+        async with client.post(
+            f"http://127.0.0.1:{workers.admin}/sessions/close", json={"endpoint": two}, headers=authorized()
+        ) as response:
+            assert response.status == 200
+            assert (await response.json())["closed"] == len(on_two)
+        for entry in on_two:
+            closed = await workers.process.wait_for("session.close", request_id=entry["request_id"])
+            assert (closed["code"], closed["endpoint"], closed["host"]) == (1008, two, "chat.example.com")
+        status, body = await workers.get("/sessions", **authorized())
+        assert len(json.loads(body)) == len(opened) - len(on_two)
+        for ws in opened:
+            await ws.close()
+    workers.process.signal()
+    assert await workers.process.wait_exit() == 0
