@@ -34,6 +34,9 @@ EXIT_NORMAL, EXIT_CANNOT_CONNECT, EXIT_REFUSED = 0, 1, 2
 _TELLING_HEADERS = ("WWW-Authenticate", "Retry-After")
 #: How long a TCP (and TLS) connect may take before the client gives up.
 CONNECT_TIMEOUT_S = 30.0
+#: The largest message it takes from a server: one that sends more is cut (aiohttp closes 1009), never
+#: buffered without bound.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 #: A printed message is cut to this many characters (a message of 2 KiB is not read on a terminal).
 _SHOWN_CHARACTERS = 72
 
@@ -111,7 +114,7 @@ async def run_client(
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
     async with aiohttp.ClientSession(trace_configs=[trace], timeout=timeout) as session:
         try:
-            ws = await session.ws_connect(url, headers=headers, max_msg_size=0)
+            ws = await session.ws_connect(url, headers=headers, max_msg_size=MAX_MESSAGE_BYTES)
         except aiohttp.WSServerHandshakeError as error:
             body = refused_body[0] if refused_body else None
             response_headers = dict(error.headers or {})

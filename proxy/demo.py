@@ -13,9 +13,12 @@ signed with that secret, and one shell line per answer the guards give, each of 
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shlex
+import socket
+import sys
 import textwrap
 import time
 
@@ -24,7 +27,7 @@ from aiohttp import WSMsgType, web
 
 from proxy.errors import CloseCode
 from proxy.policy.load import parse_policy
-from proxy.policy.model import Policy
+from proxy.policy.model import Address, Policy
 
 #: The environment variable the demo policy's provider reads its HMAC secret from.
 SECRET_ENV = "WSGATE_DEMO_SECRET"
@@ -179,6 +182,26 @@ def banner(policy_text: str, listen: str, admin: str, token: str) -> str:
     return "\n".join(lines)
 
 
+def address_in_use(address: Address) -> str | None:
+    """Why ``address`` cannot be listened on by itself, or None.
+
+    The gateway's listeners set SO_REUSEPORT (a restart's next process listens beside the old one), so
+    a second demo would silently share the ports of a first one, and its printed token would fail on
+    every other connection. A bind without SO_REUSEPORT, closed at once, tells.
+    """
+    if address.port == 0:
+        return None
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not in use
+        try:
+            probe.bind((address.host, address.port))
+        except OSError as error:
+            reason = (error.strerror or str(error)).lower()
+            return f"{reason}; another wsgate demo?" if error.errno == errno.EADDRINUSE else reason
+    return None
+
+
 async def run_demo(listen: str, admin: str) -> int:
     """Start the echo upstream and a gateway in front of it; print how to see each guard; serve until a
     signal."""
@@ -195,6 +218,11 @@ async def run_demo(listen: str, admin: str) -> int:
             origin=ALLOWED_ORIGIN,
         )
         policy = load_demo_policy(policy_text, secret)
+        for address, option in ((policy.listen.address, "--listen"), (policy.admin, "--admin")):
+            taken = address_in_use(address)
+            if taken is not None:
+                print(f"wsgate demo: {address} is in use ({taken}): pass {option} HOST:PORT", file=sys.stderr)
+                return 1
         token = demo_token(secret, time.time())
         print(banner(policy_text, str(policy.listen.address), str(policy.admin), token), flush=True)
         return await serve(policy)

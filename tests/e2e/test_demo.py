@@ -232,3 +232,20 @@ def test_client_sends_stdin_lines_as_they_come_and_waits_after_the_last(demo):
         client.kill()
     assert rest.splitlines() == ["> close:4001", "closed by the server: 4001 bye"], rest + errors
     assert client.returncode == 2
+
+
+def test_a_second_demo_on_the_same_ports_refuses_to_start(demo):
+    """The listeners share ports with SO_REUSEPORT (for restarts), so a second demo would silently take
+    half the connections, and its token would fail on the other half: it exits 1 saying what to pass."""
+    for argv in (
+        ["--listen", f"127.0.0.1:{demo.port}", "--admin", f"127.0.0.1:{free_port()}"],
+        ["--listen", f"127.0.0.1:{free_port()}", "--admin", f"127.0.0.1:{demo.admin_port}"],
+    ):
+        second = subprocess.run(
+            [str(WSGATE), "demo", *argv], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL
+        )
+        assert second.returncode == 1, second
+        assert "is in use" in second.stderr and ("--listen" in second.stderr or "--admin" in second.stderr)
+    # the first demo still answers alone
+    result = demo.paste(demo.line_showing("101"))
+    assert re.search(EXPECTED["101"], result.stdout, re.MULTILINE), result
