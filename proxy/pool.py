@@ -5,27 +5,31 @@ A route's ``upstream`` is a pool (:class:`~proxy.policy.model.UpstreamPool`): on
 and behaves as before. Per endpoint this module keeps:
 
 - **passive health**: a failed connect (refused, timed out, TLS failure, closed during the handshake, a 5xx
-  instead of 101) takes the endpoint out for 2 s, doubling with each failure in a row up to 30 s
-  (:data:`PASSIVE_BACKOFF`, :data:`PASSIVE_BACKOFF_MAX`). Once that time is over it is tried again; it is
-  up again only when a connect (or an active check) succeeds, so ``wsgate_upstream_up`` stays 0 between;
+  or a broken 101 instead of a valid 101) takes the endpoint out for 2 s, doubling with each failure in a
+  row up to 30 s (:data:`PASSIVE_BACKOFF`, :data:`PASSIVE_BACKOFF_MAX`). Once that time is over it is
+  tried again, so it is *up* again (``wsgate_upstream_up`` 1: wsgate would send a session there now);
+  its failures in a row are forgotten only when a connect (or an active check) succeeds;
 - **active health** (when the pool has a ``health_check``): ``fall`` failed checks in a row take it out,
   ``rise`` passed checks bring it back (HAProxy's rule; defaults 3 and 2); a passed check also clears a
   passive mark, since the endpoint just answered;
 - live sessions (``wsgate_upstream_sessions``) and handshakes in flight, which ``least_connections`` reads.
 
-An endpoint is *up* when neither kind of health holds it out; each change is logged once (``upstream.down``,
-``upstream.up``, with the route and the endpoint's label, never its query). Picking an order
-(:meth:`RoutePool.order`) puts the endpoints that may be tried now first, by the pool's ``balance``, and
-the others after them: the connector tries them in that order within one deadline, so a pool whose every
-endpoint is marked down still tries them all rather than refusing on stale marks.
+An endpoint is *up* when neither kind of health holds it out now. The logs tell the verdict instead:
+``upstream.down`` when failed connects or checks first hold it out, ``upstream.up`` when a connect or
+check succeeds again, once per change, with the route's label and the endpoint's, never its query.
+
+Picking an order (:meth:`RoutePool.order`) puts the endpoints that may be tried now first, by the pool's
+``balance``, and the others after them: the connector tries them in that order within one deadline, so a
+pool whose every endpoint is marked down still tries them all rather than refusing on stale marks.
 
 ``hash_client_ip`` and ``hash_subject`` use rendezvous (highest random weight) hashing: each endpoint's
 weight for a key is a hash of the key and the endpoint's label, and the key goes to the heaviest endpoint
 that may be tried. An endpoint leaving moves only the keys it held; one coming back takes back exactly
 those. The hash (BLAKE2b) is the same in every process, so workers and replicas agree.
 
-State survives a reload for an endpoint that stays (same route, same label); a removed endpoint's state
-is dropped and its checks stop (its live sessions run on), a new one starts up with fresh state.
+State survives a reload for an endpoint that stays (same route host, path and match; same label); a
+removed endpoint's state is dropped and its checks stop (its live sessions run on), a new one starts up
+with fresh state.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ class Endpoint:
     )
 
     def __init__(self, route: str, upstream: Upstream, target: str) -> None:
+        #: The route's label (its host and path): the ``route`` of metrics and log lines.
         self.route = route
         self.upstream = upstream
         self.label = upstream.label
@@ -101,8 +106,15 @@ class Endpoint:
 
     @property
     def up(self) -> bool:
-        """Whether nothing holds the endpoint out (``wsgate_upstream_up``)."""
-        return self.active_up and not self.passive_down
+        """Whether a new session would be sent here now (``wsgate_upstream_up``): not held out by active
+        checks, nor in the backoff of failed connects (once it has run out, the next session tries it)."""
+        return self.may_try(time.monotonic())
+
+    @property
+    def held_out(self) -> bool:
+        """Whether failed connects or checks hold the endpoint out, its backoff run out or not, until a
+        connect or check succeeds: what the ``upstream.down`` and ``upstream.up`` lines tell."""
+        return not self.active_up or self.passive_down
 
     def may_try(self, now: float) -> bool:
         """Whether a new session may go here now: up, or out by failed connects whose backoff is over."""
@@ -117,27 +129,27 @@ class Endpoint:
 
     def connect_failed(self, cause: str) -> None:
         """A connect to this endpoint failed: out for the backoff, doubled since the last success."""
-        was_up = self.up
+        was_held_out = self.held_out
         self.connect_failures += 1
         self.failures += 1
         self.passive_down = True
         backoff = min(PASSIVE_BACKOFF_MAX, PASSIVE_BACKOFF * 2 ** min(self.failures - 1, 16))
         self.retry_at = time.monotonic() + backoff
-        self._log_change(was_up, cause, retry_in_s=backoff)
+        self._log_change(was_held_out, cause, retry_in_s=backoff)
 
     def connect_succeeded(self) -> None:
         """A connect got its 101: failed connects are forgotten."""
         if self.failures or self.passive_down:
-            was_up = self.up
+            was_held_out = self.held_out
             self.failures = 0
             self.passive_down = False
-            self._log_change(was_up, "connected")
+            self._log_change(was_held_out, "connected")
 
     # -- active health ------------------------------------------------------------------------------
 
     def checked(self, failure: str | None, check: HealthCheck) -> None:
         """One active check's outcome (``failure`` None: passed), counted against ``rise`` and ``fall``."""
-        was_up = self.up
+        was_held_out = self.held_out
         if failure is None:
             self.failures = 0
             self.passive_down = False
@@ -150,20 +162,20 @@ class Endpoint:
             if self.active_up and self.streak >= check.fall:
                 self.active_up, self.streak = False, 0
             cause = f"health check failed: {failure}"
-        self._log_change(was_up, cause)
+        self._log_change(was_held_out, cause)
 
     def checks_removed(self) -> None:
         """The pool no longer has a health check: checks can hold the endpoint out no longer."""
-        was_up = self.up
+        was_held_out = self.held_out
         self.active_up, self.streak = True, 0
-        self._log_change(was_up, "health check removed")
+        self._log_change(was_held_out, "health check removed")
 
-    def _log_change(self, was_up: bool, cause: str, **fields: object) -> None:
-        if self.up == was_up:
+    def _log_change(self, was_held_out: bool, cause: str, **fields: object) -> None:
+        if self.held_out == was_held_out:
             return
         logs.event(
-            "upstream.up" if self.up else "upstream.down",
-            logging.INFO if self.up else logging.WARNING,
+            "upstream.down" if self.held_out else "upstream.up",
+            logging.WARNING if self.held_out else logging.INFO,
             route=self.route,
             endpoint=self.label,
             cause=cause,
@@ -338,7 +350,7 @@ def _check_target(route: Route, upstream: Upstream) -> str:
 
 
 def _new_endpoint(route: Route, upstream: Upstream) -> Endpoint:
-    return Endpoint(route.path, upstream, _check_target(route, upstream))
+    return Endpoint(route.label, upstream, _check_target(route, upstream))
 
 
 def _stop_checker(endpoint: Endpoint) -> None:

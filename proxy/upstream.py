@@ -15,7 +15,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote_plus
 
 import h11
@@ -253,27 +253,44 @@ _SKIP_IN_101 = _NOT_FORWARDED | {"date", "server"}
 
 
 def _check_101(
-    headers: list[tuple[str, str]], key: str, offered: list[str], deflate_offered: bool = False
+    headers: list[tuple[str, str]], key: str, deflate_offered: bool = False
 ) -> tuple[str | None, list[tuple[str, str]]]:
-    """Validate the upstream's 101 (RFC 6455 4.1); return its subprotocol and the headers to pass on.
+    """Validate the upstream's 101 (RFC 6455 4.1); return the subprotocol it chose and the headers to pass
+    on. The same for a session's connect and a health check. Its extensions are validated against what
+    the gateway offered (``deflate_offered``: the route's, never the client's) and read with
+    :func:`upstream_deflate`.
 
-    Its extensions are validated against what the gateway offered (``deflate_offered``) and read with
-    :func:`upstream_deflate`."""
+    Raises:
+        UpstreamUnreachable: the 101 is broken whatever the request (no ``Upgrade: websocket``, an accept
+            that does not match the gateway's own key, an extension the gateway did not offer or
+            parameters its offer does not allow): the endpoint is broken, as one answering 5xx is.
+    """
     if (header_value(headers, "upgrade") or "").lower() != "websocket":
-        raise UpstreamError("upstream's 101 lacks 'Upgrade: websocket'")
+        raise UpstreamUnreachable("upstream's 101 lacks 'Upgrade: websocket'")
     if header_value(headers, "sec-websocket-accept") != accept_key(key):
-        raise UpstreamError("upstream Sec-WebSocket-Accept does not match the key sent")
+        raise UpstreamUnreachable("upstream Sec-WebSocket-Accept does not match the key sent")
     extensions = [value for name, value in headers if name == "sec-websocket-extensions"]
     if extensions and not deflate_offered:
-        raise UpstreamError("upstream negotiated an extension the gateway did not offer")
+        raise UpstreamUnreachable("upstream negotiated an extension the gateway did not offer")
     if len(extensions) > 1:
-        raise UpstreamError("upstream answered more than one Sec-WebSocket-Extensions header")
-    upstream_deflate(headers)
-    subprotocol = header_value(headers, "sec-websocket-protocol")
+        raise UpstreamUnreachable("upstream answered more than one Sec-WebSocket-Extensions header")
+    try:
+        upstream_deflate(headers)
+    except UpstreamError as error:
+        raise UpstreamUnreachable(str(error)) from None
+    passed = [(name, value) for name, value in headers if name not in _SKIP_IN_101]
+    return header_value(headers, "sec-websocket-protocol"), passed
+
+
+def _check_subprotocol(subprotocol: str | None, offered: list[str]) -> None:
+    """The upstream's subprotocol must be one the client offered.
+
+    Raises:
+        UpstreamError: it is not. This depends on what the client offered, so it is the upstream's answer
+            to this request, not a sign of a broken endpoint (else a client could mark endpoints down).
+    """
     if subprotocol is not None and subprotocol not in offered:
         raise UpstreamError(f"upstream chose subprotocol {subprotocol!r}, which the client did not offer")
-    passed = [(name, value) for name, value in headers if name not in _SKIP_IN_101]
-    return subprotocol, passed
 
 
 def upstream_deflate(headers: list[tuple[str, str]]) -> Agreement | None:
@@ -319,21 +336,29 @@ def upstream_tls_context(upstream: Upstream) -> ssl.SSLContext | None:
     return _tls_context(ca_file, upstream.insecure_skip_verify, cert, key)
 
 
-def _describe(error: BaseException, upstream: Upstream, timeout: float) -> str:
-    target = f"{upstream.host}:{upstream.port}"
-    if isinstance(error, TimeoutError):
-        return f"upstream {target} did not complete the handshake within {round(timeout, 3):g}s"
+def _describe(error: OSError, where: str) -> str:
+    """Why a connect to ``where`` (``host:port``, with the address tried when the host is a name) failed."""
     if isinstance(error, ConnectionRefusedError):
-        return f"upstream {target} refused the connection"
-    if isinstance(error, socket.gaierror):
-        return f"upstream host {upstream.host} could not be resolved"
+        return f"upstream {where} refused the connection"
     if isinstance(error, ssl.SSLCertVerificationError):
-        return f"upstream {target} TLS certificate not trusted: {error.verify_message}"
+        return f"upstream {where} TLS certificate not trusted: {error.verify_message}"
     if isinstance(error, ssl.SSLError):
-        return f"TLS with upstream {target} failed: {error.reason}"
-    if isinstance(error, OSError):
-        return f"cannot connect to upstream {target}: {error.strerror or error}"
-    return str(error)
+        return f"TLS with upstream {where} failed: {error.reason}"
+    return f"cannot connect to upstream {where}: {error.strerror or error}"
+
+
+#: One address to try: (family, proto, sockaddr) as ``getaddrinfo`` gives them.
+Address = tuple[int, int, tuple[Any, ...]]
+
+
+async def resolve_addresses(host: str, port: int) -> list[Address]:
+    """Every address ``host`` resolves to now, in the resolver's order (asked again by every connect).
+
+    Raises:
+        socket.gaierror: the name does not resolve.
+    """
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [(family, proto, sockaddr) for family, _type, proto, _name, sockaddr in infos]
 
 
 def _host_header(upstream: Upstream) -> str:
@@ -342,62 +367,116 @@ def _host_header(upstream: Upstream) -> str:
     return host if upstream.port == default_port else f"{host}:{upstream.port}"
 
 
-async def _open(
-    upstream: Upstream, target: str, headers: list[tuple[str, str]], timeout: float
-) -> tuple[asyncio.Transport, UpstreamHandshake, list[tuple[str, str]], bytes]:
-    """TCP (or TLS) to ``upstream`` and its answer to the handshake request, within ``timeout``.
+async def _connect(
+    upstream: Upstream, target: str, headers: list[tuple[str, str]], connect_by: float
+) -> tuple[asyncio.Transport, UpstreamHandshake]:
+    """TCP (and TLS) to ``upstream`` by ``connect_by`` (loop time), the handshake request sent.
 
-    The host is resolved again by every connect, and each address it resolves to is tried in turn (both
-    asyncio's and uvloop's ``create_connection`` do this when given a name).
+    The host is resolved again (within the same time), and each address it resolves to gets an equal
+    share of the time left among the addresses left: one that swallows packets cannot use up the others'
+    time (as ``create_connection`` given the name would, trying them in turn under one timeout). TLS
+    names the host, not the address.
+
+    Raises:
+        UpstreamUnreachable: not resolved, no address connected, or the TLS files no longer load.
+    """
+    loop = asyncio.get_running_loop()
+    where = f"{upstream.host}:{upstream.port}"
+    try:
+        async with asyncio.timeout_at(connect_by):
+            addresses = await resolve_addresses(upstream.host, upstream.port)
+        tls = upstream_tls_context(upstream)
+    except TimeoutError as error:
+        raise UpstreamUnreachable(f"upstream host {upstream.host} was not resolved in time") from error
+    except socket.gaierror as error:
+        raise UpstreamUnreachable(f"upstream host {upstream.host} could not be resolved") from error
+    except OSError as error:  # ssl.SSLError is an OSError
+        detail = error.strerror or error
+        raise UpstreamUnreachable(f"TLS files of upstream_tls do not load: {detail}") from error
+    failures: list[str] = []
+    for index, (family, proto, sockaddr) in enumerate(addresses):
+        share = (connect_by - loop.time()) / (len(addresses) - index)
+        address = str(sockaddr[0])
+        tried = where if address == upstream.host else f"{where} ({address})"
+        if share <= 0:
+            failures.append(f"upstream {tried} not tried: no connect time left")
+            break
+        try:
+            async with asyncio.timeout(share):
+                transport, protocol = await loop.create_connection(
+                    lambda: UpstreamHandshake(loop, target, headers),
+                    address,
+                    sockaddr[1],
+                    family=family,
+                    proto=proto,
+                    ssl=tls,
+                    server_hostname=upstream.host if tls is not None else None,
+                )
+        except TimeoutError:
+            failures.append(f"upstream {tried} did not connect within {round(share, 3):g}s")
+            continue
+        except OSError as error:  # ssl.SSLError is an OSError
+            failures.append(_describe(error, tried))
+            continue
+        return transport, protocol
+    if not failures:
+        raise UpstreamUnreachable(f"upstream host {upstream.host} resolved to no address")
+    raise UpstreamUnreachable("; ".join(failures))
+
+
+async def _open(
+    upstream: Upstream, target: str, headers: list[tuple[str, str]], connect_by: float, answer_by: float
+) -> tuple[asyncio.Transport, UpstreamHandshake, list[tuple[str, str]], bytes]:
+    """TCP (or TLS) to ``upstream`` by ``connect_by``, then its answer to the handshake request by
+    ``answer_by`` (loop times). As Envoy splits its connect timeout from the request's: a connection once
+    made may wait for its 101 as long as the route's deadline allows, so a healthy but slow endpoint is
+    not cut short by a share meant for endpoints that do not connect at all.
 
     Raises:
         UpstreamUnreachable: no connection, no TLS, no answer in time, closed, invalid HTTP or a 5xx.
         UpstreamError: an answer other than 101 that is not a 5xx.
     """
-    loop = asyncio.get_running_loop()
-    transport: asyncio.Transport | None = None
+    transport, protocol = await _connect(upstream, target, headers, connect_by)
     try:
-        async with asyncio.timeout(timeout):
-            transport, protocol = await loop.create_connection(
-                lambda: UpstreamHandshake(loop, target, headers),
-                upstream.host,
-                upstream.port,
-                ssl=upstream_tls_context(upstream),
-                server_hostname=upstream.host if upstream.secure else None,
-            )
+        async with asyncio.timeout_at(answer_by):
             _status, response_headers, pending = await protocol.done
-    except UpstreamError:
-        if transport is not None:
-            transport.abort()
-        raise
-    except (OSError, TimeoutError) as error:  # ssl.SSLError is an OSError
-        if transport is not None:
-            transport.abort()
-        raise UpstreamUnreachable(_describe(error, upstream, timeout)) from error
+    except TimeoutError as error:
+        transport.abort()
+        raise UpstreamUnreachable(
+            f"upstream {upstream.host}:{upstream.port} connected but did not answer the upgrade"
+            " within upstream_connect_timeout"
+        ) from error
     except BaseException:
-        if transport is not None:
-            transport.abort()
+        transport.abort()
         raise
     return transport, protocol, response_headers, pending
 
 
 async def _connect_endpoint(
-    request: HandshakeRequest, admission: Admission, upstream: Upstream, offered: list[str], timeout: float
+    request: HandshakeRequest,
+    admission: Admission,
+    upstream: Upstream,
+    offered: list[str],
+    connect_by: float,
+    answer_by: float,
 ) -> UpstreamConnection:
-    """One endpoint's WebSocket handshake within ``timeout``.
+    """One endpoint's WebSocket handshake: connected by ``connect_by``, its 101 by ``answer_by``.
 
     Raises:
-        UpstreamUnreachable: the endpoint failed (see :func:`_open`).
-        UpstreamError: it answered this request with something else than a valid 101.
+        UpstreamUnreachable: the endpoint failed (see :func:`_open`) or its 101 is broken.
+        UpstreamError: it answered this request with something else than a 101 the client can take.
     """
     key = new_client_key()
     headers = upstream_request_headers(request, admission, _host_header(upstream), key, offered)
     target = admission.route.upstream_target(
         request.path, upstream_query(request, admission.providers), upstream
     )
-    transport, protocol, response_headers, pending = await _open(upstream, target, headers, timeout)
+    transport, protocol, response_headers, pending = await _open(
+        upstream, target, headers, connect_by, answer_by
+    )
     try:
-        subprotocol, passed = _check_101(response_headers, key, offered, admission.route.compression.upstream)
+        subprotocol, passed = _check_101(response_headers, key, admission.route.compression.upstream)
+        _check_subprotocol(subprotocol, offered)
     except BaseException:
         transport.abort()
         raise
@@ -412,11 +491,12 @@ async def connect_upstream(
     """Open one of the route's endpoints and complete its WebSocket handshake, all within the route's
     ``upstream_connect_timeout``.
 
-    Endpoints are tried in the pool's order (:meth:`~proxy.pool.RoutePool.order`); each attempt gets an
-    equal share of the time left among the endpoints left (a pool of one: the whole timeout), so a dead
-    endpoint that swallows packets cannot use up the deadline. A failed endpoint is marked down and the
-    next is tried; an answer that is not a 5xx is the upstream's answer to this request and is not tried
-    elsewhere.
+    Endpoints are tried in the pool's order (:meth:`~proxy.pool.RoutePool.order`). Each try's TCP (and
+    TLS) connect gets an equal share of the time left among the endpoints left (a pool of one: the whole
+    timeout), so a dead endpoint that swallows packets cannot use up the deadline; once connected, its 101
+    may take until the route's deadline, so a slow but healthy endpoint is not cut short. A failed
+    endpoint (no connection, no 101 by the deadline, a 5xx, a broken 101) is marked down and the next is
+    tried; another answer (a 4xx) is the upstream's answer to this request and is not tried elsewhere.
 
     Raises:
         UpstreamError: with a short sentence naming the cause (refused, timed out, TLS, bad answer); for a
@@ -430,14 +510,16 @@ async def connect_upstream(
     order = pool.order(admission.client_ip, identity.subject if identity is not None else None)
     failures: list[str] = []
     for index, endpoint in enumerate(order):
-        remaining = deadline - loop.time()
-        if remaining <= 0:
+        now = loop.time()
+        if now >= deadline:
             failures.append(f"{endpoint.label} not tried: upstream_connect_timeout ({timeout:g}s) passed")
             break
-        share = (timeout if index == 0 else remaining) / (len(order) - index)
+        connect_by = now + (deadline - now) / (len(order) - index)
         endpoint.connecting += 1
         try:
-            connection = await _connect_endpoint(request, admission, endpoint.upstream, offered, share)
+            connection = await _connect_endpoint(
+                request, admission, endpoint.upstream, offered, connect_by, deadline
+            )
         except UpstreamUnreachable as error:
             endpoint.connect_failed(str(error))
             failures.append(str(error))
@@ -467,12 +549,16 @@ async def probe_websocket(upstream: Upstream, target: str, timeout: float) -> st
         ("user-agent", "wsgate-health-check"),
     ]
     try:
-        transport, protocol, response_headers, _pending = await _open(upstream, target, headers, timeout)
+        transport, protocol, response_headers, _pending = await _open(
+            upstream, target, headers, deadline, deadline
+        )
     except UpstreamError as error:
         return str(error)
     try:
-        if header_value(response_headers, "sec-websocket-accept") != accept_key(key):
-            return "upstream Sec-WebSocket-Accept does not match the key sent"
+        try:
+            _check_101(response_headers, key)  # as a session's connect judges it (its subprotocol aside)
+        except UpstreamUnreachable as error:
+            return str(error)
         transport.write(encode_frame(Opcode.CLOSE, close_payload(CloseCode.NORMAL), os.urandom(4)))
         transport.resume_reading()  # its close frame, then its FIN
         with contextlib.suppress(TimeoutError):
