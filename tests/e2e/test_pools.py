@@ -247,30 +247,115 @@ def _upgrade_headers() -> dict[str, str]:
     }
 
 
+def _syn_black_hole() -> tuple[socket.socket, list[socket.socket]]:
+    """A port whose accept queue is full: the kernel drops further SYNs, so a connect there hangs, as to
+    a host that is gone (a firewall dropping packets)."""
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(0)
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(listening.getsockname())
+        fillers.append(filler)
+    time.sleep(0.2)
+    return listening, fillers
+
+
 async def test_an_endpoint_that_swallows_connects_costs_only_its_share_of_the_timeout(gateway, upstream):
-    held: list[asyncio.StreamWriter] = []
-
-    async def black_hole(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-
-    server = await asyncio.start_server(black_hole, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    gw = await gateway(
-        f"""
+    listening, fillers = _syn_black_hole()
+    port = listening.getsockname()[1]
+    try:
+        gw = await gateway(
+            f"""
     limits: {{upstream_connect_timeout: 2s}}
     routes:
       - path: /echo
         upstream: {{endpoints: ["ws://127.0.0.1:{port}/", "{upstream.url()}"]}}
         auth: none
     """
+        )
+        started = time.monotonic()
+        assert await handshake_status(gw) == 101  # the first turn is the black hole's: 1 s, then the echo
+        assert await handshake_status(gw) == 101
+        assert time.monotonic() - started < 1.9
+    finally:
+        for sock in (listening, *fillers):
+            sock.close()
+
+
+async def test_a_slow_but_healthy_first_endpoint_keeps_the_whole_deadline_for_its_101(gateway, upstream):
+    """Connected, an endpoint's 101 may take the route's whole upstream_connect_timeout: a pool turns
+    no latency into 502s, and marks nothing down for it (the connect alone is bounded by its share)."""
+
+    async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        sink.close()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(1.2)  # connected at once, answering late: a loaded but healthy instance
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", upstream.port)
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+    server = await asyncio.start_server(slow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    gw = await gateway(
+        f"""
+    limits: {{upstream_connect_timeout: 2s}}
+    routes:
+      - path: /echo
+        upstream: {{endpoints: ["ws://127.0.0.1:{port}/echo", "{upstream.url()}"]}}
+        auth: none
+    """
     )
-    started = time.monotonic()
-    assert await handshake_status(gw) == 101  # the first turn is the black hole's: 1 s, then the echo
-    assert await handshake_status(gw) == 101
-    assert time.monotonic() - started < 1.9
-    for writer in held:
+    try:
+        assert await handshake_status(gw) == 101  # the slow one's turn
+        samples = await metrics(gw)
+        assert (
+            sample(samples, "wsgate_upstream_up", route="/echo", endpoint=f"ws://127.0.0.1:{port}/echo") == 1
+        )
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("answer", ["no_upgrade", "bad_accept", "extension"])
+async def test_an_endpoint_answering_a_broken_101_is_taken_out(gateway, upstream, answer):
+    """A 101 no request could make right (no Upgrade, a wrong accept, an extension never offered) is a
+    broken endpoint, as a 5xx is: it is marked down and the next endpoint serves the handshake."""
+
+    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        lines = {
+            "no_upgrade": b"Connection: Upgrade\r\nSec-WebSocket-Accept: x\r\n",
+            "bad_accept": b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: x\r\n",
+            "extension": b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Extensions: x-y\r\n",
+        }[answer]
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\n" + lines + b"\r\n")
+        await writer.drain()
         writer.close()
-    server.close()
+
+    server = await asyncio.start_server(broken, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    gw = await gateway(
+        f"""
+    routes:
+      - path: /echo
+        upstream: {{endpoints: ["ws://127.0.0.1:{port}/", "{upstream.url()}"]}}
+        auth: none
+        compression: {{upstream: false}}
+    """
+    )
+    try:
+        assert [await handshake_status(gw) for _ in range(4)] == [101] * 4
+        samples = await metrics(gw)
+        assert sample(samples, "wsgate_upstream_up", route="/echo", endpoint=f"ws://127.0.0.1:{port}/") == 0
+    finally:
+        server.close()
 
 
 async def test_a_5xx_takes_an_endpoint_out_and_a_4xx_is_the_answer(gateway, upstream, client):
