@@ -96,10 +96,15 @@ def upstream_query(request: HandshakeRequest, providers: tuple[AuthProvider, ...
     names = {provider.query_parameter for provider in providers if "query" in provider.token_sources}
     if not names or not request.query:
         return request.query
-    # Compared decoded, as find_token() reads it: ?access%5Ftoken=... is the same parameter.
-    return "&".join(
-        part for part in request.query.split("&") if unquote_plus(part.partition("=")[0]) not in names
-    )
+    # Compared decoded, as find_token() reads it: ?access%5Ftoken=... is the same parameter. Pieces
+    # after a ';' are looked at too: the token guard splits on '&' only, but an upstream that also splits
+    # on ';' (as some frameworks do) would read ?x=1;access_token=... as a token parameter.
+    kept = []
+    for part in request.query.split("&"):
+        pieces = [piece for piece in part.split(";") if unquote_plus(piece.partition("=")[0]) not in names]
+        if pieces:
+            kept.append(";".join(pieces))
+    return "&".join(kept)
 
 
 def offered_subprotocols(request: HandshakeRequest, providers: tuple[AuthProvider, ...]) -> list[str]:

@@ -21,7 +21,7 @@ from proxy.headers import (
 )
 from proxy.policy.model import AuthProvider, Limits, Route, Upstream, UpstreamPool
 from proxy.request import HandshakeRequest
-from proxy.upstream import offered_subprotocols, upstream_request_headers
+from proxy.upstream import offered_subprotocols, upstream_query, upstream_request_headers
 
 HEADERS = [
     ("host", "gateway.test"),
@@ -162,3 +162,12 @@ def test_a_token_the_guard_finds_never_reaches_the_upstream(
         else:
             assert provider.subprotocol_prefix + token not in offered
             assert not any(entry.startswith(provider.subprotocol_prefix) for entry in offered)
+
+
+def test_a_token_parameter_after_a_semicolon_is_stripped_too() -> None:
+    """The guard reads the query split on '&'; an upstream that also splits on ';' must not find a token
+    parameter there either."""
+    provider = AuthProvider(name="p", algorithms=("HS256",), token_sources=("query",))
+    target = "/chat?x=1;access_token=T1&access%5Ftoken=T2&y=2;z=3&access_token=T3;keep=1"
+    request = HandshakeRequest.build("id", "GET", target, "1.1", [], "192.0.2.1", "192.0.2.1", False)
+    assert upstream_query(request, (provider,)) == "x=1&y=2;z=3&keep=1"
