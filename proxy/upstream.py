@@ -430,12 +430,18 @@ async def _connect(
 
 
 async def _open(
-    upstream: Upstream, target: str, headers: list[tuple[str, str]], connect_by: float, answer_by: float
+    upstream: Upstream,
+    target: str,
+    headers: list[tuple[str, str]],
+    connect_by: float,
+    answer_by: float,
+    bound: str,
 ) -> tuple[asyncio.Transport, UpstreamHandshake, list[tuple[str, str]], bytes]:
     """TCP (or TLS) to ``upstream`` by ``connect_by``, then its answer to the handshake request by
-    ``answer_by`` (loop times). As Envoy splits its connect timeout from the request's: a connection once
-    made may wait for its 101 as long as the route's deadline allows, so a healthy but slow endpoint is
-    not cut short by a share meant for endpoints that do not connect at all.
+    ``answer_by`` (loop times; ``bound`` names that deadline in the error). As Envoy splits its connect
+    timeout from the request's: a connection once made may wait for its 101 as long as the route's
+    deadline allows, so a healthy but slow endpoint is not cut short by a share meant for endpoints that
+    do not connect at all.
 
     Raises:
         UpstreamUnreachable: no connection, no TLS, no answer in time, closed, invalid HTTP or a 5xx.
@@ -448,8 +454,8 @@ async def _open(
     except TimeoutError as error:
         transport.abort()
         raise UpstreamUnreachable(
-            f"upstream {upstream.host}:{upstream.port} connected but did not answer the upgrade"
-            " within upstream_connect_timeout"
+            f"upstream {upstream.host}:{upstream.port} connected but did not answer the upgrade within"
+            f" {bound}"
         ) from error
     except BaseException:
         transport.abort()
@@ -476,8 +482,9 @@ async def _connect_endpoint(
     target = admission.route.upstream_target(
         request.path, upstream_query(request, admission.providers), upstream
     )
+    timeout = admission.route.limits.upstream_connect_timeout
     transport, protocol, response_headers, pending = await _open(
-        upstream, target, headers, connect_by, answer_by
+        upstream, target, headers, connect_by, answer_by, f"{timeout:g}s (upstream_connect_timeout)"
     )
     try:
         subprotocol, passed = _check_101(response_headers, key, admission.route.compression.upstream)
@@ -555,7 +562,7 @@ async def probe_websocket(upstream: Upstream, target: str, timeout: float) -> st
     ]
     try:
         transport, protocol, response_headers, _pending = await _open(
-            upstream, target, headers, deadline, deadline
+            upstream, target, headers, deadline, deadline, f"{timeout:g}s (the health check's timeout)"
         )
     except UpstreamError as error:
         return str(error)
