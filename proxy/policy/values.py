@@ -124,8 +124,9 @@ def _port(scheme: str, port: int | None) -> int:
 
 @dataclass(frozen=True, slots=True)
 class SubjectPattern:
-    """A ``client_subjects`` entry: ``CN=<glob>`` (the certificate's common name fits the glob, ``*``
-    standing for any run of characters) or a whole RFC 4514 subject (``CN=alice,O=Example``: the
+    """A ``client_subjects`` entry: ``CN=<glob>`` (the certificate's one common name fits the glob, ``*``
+    standing for one or more characters other than a dot, as a host wildcard stands for one label) or a
+    whole RFC 4514 subject (``CN=alice,O=Example``: the
     certificate's subject is exactly that, attribute for attribute, in that order).
 
     Only the CN form is a glob: a whole subject compares exactly, so no ``*`` can stretch over a comma
@@ -133,7 +134,7 @@ class SubjectPattern:
     """
 
     text: str = derived("a client_subjects entry")
-    #: The CN glob as a compiled-once regular expression source (None for a whole subject).
+    #: The CN glob as a regular expression source (None for a whole subject).
     common_name: str | None = derived("a client_subjects entry of the form CN=...")
     #: The whole subject as RFC 4514 text, normalized by parsing (None for a CN glob).
     subject: str | None = derived("a client_subjects entry with more than a CN")
@@ -157,13 +158,14 @@ class SubjectPattern:
             raise ValueError(f"an empty subject matches no certificate: {text!r}")
         if len(attributes) == 1 and attributes[0].oid == NameOID.COMMON_NAME:
             glob = str(attributes[0].value)
-            return cls(text, "".join(".*" if part == "*" else re.escape(part) for part in _stars(glob)), None)
+            return cls(text, "".join("[^.]+" if part == "*" else re.escape(part) for part in _stars(glob)), None)
         return cls(text, None, name.rfc4514_string())
 
     def matches(self, subject: str, common_names: tuple[str, ...]) -> bool:
-        """Whether a verified certificate with this RFC 4514 ``subject`` and these CNs fits."""
+        """Whether a verified certificate with this RFC 4514 ``subject`` and these CNs fits. A certificate
+        with several CNs fits no CN glob: which of them would name the client is anyone's guess."""
         if self.common_name is not None:
-            return any(re.fullmatch(self.common_name, name, re.DOTALL) for name in common_names)
+            return len(common_names) == 1 and re.fullmatch(self.common_name, common_names[0]) is not None
         return subject == self.subject
 
 

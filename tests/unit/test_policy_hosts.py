@@ -261,6 +261,12 @@ def test_a_route_requiring_a_certificate_needs_a_listener_asking_for_one(files: 
         ("CN=*.svc.example.com", "CN=a.svc.example.com.evil", ("a.svc.example.com.evil",), False),
         ("CN=a?c", "CN=abc", ("abc",), False),  # only * is a wildcard
         ("CN=*", "O=NoName", (), False),
+        # * is one label, as in a host wildcard: not several, not none
+        ("CN=*.svc.example.com", "CN=a.b.svc.example.com", ("a.b.svc.example.com",), False),
+        ("CN=*.svc.example.com", "CN=.svc.example.com", (".svc.example.com",), False),
+        ("CN=device-*", "CN=device-42", ("device-42",), True),
+        # two CNs: which one names the client is a guess, so no CN glob fits
+        ("CN=alice", "CN=mallory+CN=alice", ("mallory", "alice"), False),
     ],
 )
 def test_subject_patterns(pattern: str, subject: str, common_names: tuple[str, ...], matches: bool) -> None:
