@@ -158,7 +158,9 @@ class SubjectPattern:
             raise ValueError(f"an empty subject matches no certificate: {text!r}")
         if len(attributes) == 1 and attributes[0].oid == NameOID.COMMON_NAME:
             glob = str(attributes[0].value)
-            return cls(text, "".join("[^.]+" if part == "*" else re.escape(part) for part in _stars(glob)), None)
+            return cls(
+                text, "".join("[^.]+" if part == "*" else re.escape(part) for part in _stars(glob)), None
+            )
         return cls(text, None, name.rfc4514_string())
 
     def matches(self, subject: str, common_names: tuple[str, ...]) -> bool:
