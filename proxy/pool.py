@@ -44,6 +44,7 @@ import aiohttp
 
 from proxy import logs
 from proxy.policy.model import HealthCheck, Policy, Route, Upstream
+from proxy.policy.values import url_host
 from proxy.upstream import probe_websocket, upstream_tls_context
 
 #: How long the first failed connect takes an endpoint out; each further failure in a row doubles it.
@@ -320,8 +321,7 @@ class Pools:
         if check.path is None:
             return await probe_websocket(endpoint.upstream, endpoint.target, check.timeout)
         upstream = endpoint.upstream
-        host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
-        url = f"{'https' if upstream.secure else 'http'}://{host}:{upstream.port}{check.path}"
+        url = f"{'https' if upstream.secure else 'http'}://{url_host(upstream.host)}:{upstream.port}{check.path}"
         if self._http is None:
             self._http = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(force_close=True),

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from proxy.errors import AdminRequestError, Close, CloseCode
 from proxy.metrics import FROM_CLIENT, FROM_UPSTREAM
-from proxy.policy.values import parse_route_host
+from proxy.policy.values import parse_route_host, url_host
 
 if TYPE_CHECKING:
     from proxy.sessions import Session
@@ -256,9 +256,9 @@ def _endpoint_label(value: str) -> str:
         split, port = None, None
     if split is None or split.scheme not in ("ws", "wss") or not split.hostname:
         raise AdminRequestError(f"endpoint must be a ws:// or wss:// URL, not {value[:100]!r}")
-    secure = split.scheme == "wss"
-    host = f"[{split.hostname}]" if ":" in split.hostname else split.hostname
-    return f"{split.scheme}://{host}:{port if port is not None else (443 if secure else 80)}{split.path}"
+    if port is None:
+        port = 443 if split.scheme == "wss" else 80
+    return f"{split.scheme}://{url_host(split.hostname)}:{port}{split.path}"
 
 
 def _network(value: str) -> IPv4Network | IPv6Network:

@@ -26,6 +26,7 @@ from proxy.frames import Opcode, accept_key, close_payload, encode_frame, new_cl
 from proxy.handshake import Admission, HandshakeRequest
 from proxy.headers import header_value, subprotocol_list, without_cookie
 from proxy.policy.model import AuthProvider, Upstream
+from proxy.policy.values import url_host
 
 if TYPE_CHECKING:
     from proxy.pool import Endpoint, RoutePool
@@ -368,7 +369,7 @@ async def resolve_addresses(host: str, port: int) -> list[Address]:
 
 def _host_header(upstream: Upstream) -> str:
     default_port = 443 if upstream.secure else 80
-    host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
+    host = url_host(upstream.host)
     return host if upstream.port == default_port else f"{host}:{upstream.port}"
 
 

@@ -21,6 +21,11 @@ IPNetwork = IPv4Network | IPv6Network
 IPAddress = IPv4Address | IPv6Address
 
 
+def url_host(host: str) -> str:
+    """A host as a URL or a Host header writes it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 @dataclass(frozen=True, slots=True)
 class Address:
     """A host and port to listen on. ``host`` is an IP literal or name, without IPv6 brackets."""
@@ -29,7 +34,7 @@ class Address:
     port: int = derived("host:port")
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return f"{url_host(self.host)}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +62,7 @@ class Upstream:
     def label(self) -> str:
         """The endpoint as metrics and logs name it: scheme, host, port and path, never its query (which
         may carry a secret). Two endpoints of one pool never share a label (the loader refuses that)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'wss' if self.secure else 'ws'}://{host}:{self.port}{self.path}"
+        return f"{'wss' if self.secure else 'ws'}://{url_host(self.host)}:{self.port}{self.path}"
 
 
 @dataclass(frozen=True, slots=True)
