@@ -18,8 +18,6 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote_plus
 
-import h11
-
 from proxy.deflate import UPSTREAM_OFFER, Agreement, read_upstream_answer
 from proxy.errors import CloseCode, UpstreamError, UpstreamUnreachable
 from proxy.frames import Opcode, accept_key, close_payload, encode_frame, new_client_key
@@ -27,6 +25,7 @@ from proxy.handshake import Admission, HandshakeRequest
 from proxy.headers import header_value, subprotocol_list, without_cookie
 from proxy.policy.model import AuthProvider, Upstream
 from proxy.policy.values import url_host
+from proxy.upstream_answer import AnswerReader, request_bytes
 
 if TYPE_CHECKING:
     from proxy.pool import Endpoint, RoutePool
@@ -84,10 +83,11 @@ class UpstreamConnection:
 
 
 def _header_value(value: object) -> str:
-    """A claim as a header value: JSON for non-strings, control characters removed, and UTF-8 on the
-    wire (returned as latin-1 text, the form every header value takes until it is written)."""
+    """A claim as a header value: JSON for non-strings, control characters and surrounding spaces removed
+    (RFC 9110 5.5: a field value has no leading or trailing whitespace), and UTF-8 on the wire (returned as
+    latin-1 text, the form every header value takes until it is written)."""
     text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    cleaned = "".join(char for char in text if char >= " " and char != "\x7f")
+    cleaned = "".join(char for char in text if char >= " " and char != "\x7f").strip(" ")
     return cleaned.encode("utf-8").decode("latin-1")
 
 
@@ -197,15 +197,8 @@ class UpstreamHandshake(asyncio.Protocol):
         self.lost = False
         #: Resolved when the connection is gone (a health check waits on it after its close frame).
         self.closed: asyncio.Future[None] = loop.create_future()
-        self._parser = h11.Connection(h11.CLIENT)
-        # Header text is latin-1 for the bytes it stands for (as the listener decoded them); h11 would
-        # encode str as ASCII and fail on a client's non-ASCII header, so hand it the exact bytes.
-        request = h11.Request(
-            method=b"GET",
-            target=target.encode("latin-1"),
-            headers=[(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers],
-        )
-        self._request_bytes = self._parser.send(request) or b""
+        self._reader = AnswerReader()
+        self._request_bytes = request_bytes(target, headers)
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -216,30 +209,15 @@ class UpstreamHandshake(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.done.done():
             return
-        self._parser.receive_data(data)
-        while True:
-            try:
-                event = self._parser.next_event()
-            except h11.RemoteProtocolError as error:
-                self._fail(f"invalid HTTP from upstream: {error}")
-                return
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return
-            if isinstance(event, h11.InformationalResponse) and event.status_code == 101:
-                if self._transport is not None:
-                    self._transport.pause_reading()
-                headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in event.headers]
-                self._parser.next_event()  # PAUSED: what follows the 101 is WebSocket frames
-                pending = self._parser.trailing_data[0]
-                self.done.set_result((101, headers, bytes(pending)))
-                return
-            if isinstance(event, h11.Response):
-                # 5xx: this endpoint is failing, another may serve; else the upstream's answer to this request
-                self._fail(
-                    f"upstream answered HTTP {event.status_code} instead of 101",
-                    UpstreamUnreachable if event.status_code >= 500 else UpstreamError,
-                )
-                return
+        try:
+            answer = self._reader.receive_data(data)
+        except UpstreamError as error:
+            self.done.set_exception(error)
+            return
+        if answer is not None:
+            if self._transport is not None:
+                self._transport.pause_reading()
+            self.done.set_result((101, answer.headers, answer.rest))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -249,10 +227,6 @@ class UpstreamHandshake(asyncio.Protocol):
             self.done.set_exception(
                 UpstreamUnreachable("upstream closed the connection during the handshake")
             )
-
-    def _fail(self, message: str, error: type[UpstreamError] = UpstreamUnreachable) -> None:
-        if not self.done.done():
-            self.done.set_exception(error(message))
 
 
 _SKIP_IN_101 = _NOT_FORWARDED | {"date", "server"}

@@ -518,6 +518,17 @@ async def test_claims_reach_the_upstream_and_spoofed_identity_does_not(gateway, 
     assert [value for name, value in raw.items() if name.lower() == "x-user-id"] == ["alice"]
 
 
+async def test_a_claim_with_surrounding_spaces_is_forwarded_trimmed(gateway, upstream, tmp_path):
+    """A field value has no surrounding whitespace (RFC 9110 5.5): such a claim used to fail the upstream
+    request with a 500."""
+    route = {"forward_claims": {"sub": "X-User-Id", "name": "X-User-Name"}}
+    gw = await gateway(policy(upstream, rsa_provider(tmp_path), route))
+    ws, _, seen = await opened(gw.port, bearer(token(sub=" alice\t ", name="  ")))
+    await close_session(ws)
+    assert seen["headers"]["x-user-id"] == "alice"
+    assert seen["headers"]["x-user-name"] == ""
+
+
 async def test_forward_token_passes_the_authorization_header(gateway, upstream, tmp_path):
     route = {"forward_claims": {"sub": "X-User-Id"}, "forward_token": True}
     gw = await gateway(policy(upstream, rsa_provider(tmp_path), route))
