@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import jwt
+from jwt.algorithms import get_default_algorithms
 
 from proxy.errors import Rejection
 from proxy.guards.context import HandshakeContext, Identity
@@ -132,6 +133,15 @@ class TokenVerifier:
         self.provider = provider
         self.jwks = jwks
         self._cache: OrderedDict[bytes, Identity] = OrderedDict()
+        self._validation = validation(provider)
+        self._algorithms = list(provider.algorithms)
+        #: A public key as PyJWT uses it, per algorithm: loaded from its PEM once, not at every token.
+        self._public_keys: dict[str, Any] = _prepared_keys(provider)
+        #: The key every algorithm of the provider uses, when there is one (a secret, or a public key of
+        #: one type for all): then a token is parsed once in the common case. None for JWKS (keys by kid).
+        self._key: Any = provider.secret
+        if provider.public_key is not None and len({type(key) for key in self._public_keys.values()}) == 1:
+            self._key = next(iter(self._public_keys.values()))
 
     async def verify(self, token: str, source: str) -> Identity:
         """Verify a token found in ``source``.
@@ -166,6 +176,21 @@ class TokenVerifier:
         return cached.claims if cached is not None else None
 
     async def _decode(self, token: str) -> dict[str, Any]:
+        if self._key is not None:
+            # One parse of the token for the common case; any error is judged again below, step by step,
+            # so that a refused token is refused with the same reason as it always was.
+            try:
+                claims: dict[str, Any] = jwt.decode(
+                    token, self._key, algorithms=self._algorithms, **self._validation
+                )
+            except jwt.PyJWTError:
+                pass
+            else:
+                _check_dates(claims)
+                return claims
+        return await self._decode_step_by_step(token)
+
+    async def _decode_step_by_step(self, token: str) -> dict[str, Any]:
         provider = self.provider
         try:
             header = jwt.get_unverified_header(token)
@@ -178,7 +203,7 @@ class TokenVerifier:
         if provider.secret is not None:
             keys = [provider.secret]
         elif provider.public_key is not None:
-            keys = [provider.public_key]
+            keys = [self._public_keys.get(algorithm, provider.public_key)]
         else:
             assert self.jwks is not None
             kid = header.get("kid")
@@ -188,9 +213,7 @@ class TokenVerifier:
         error: jwt.PyJWTError | None = None
         for key in keys:
             try:
-                claims: dict[str, Any] = jwt.decode(
-                    token, key, algorithms=[algorithm], **validation(provider)
-                )
+                claims: dict[str, Any] = jwt.decode(token, key, algorithms=[algorithm], **self._validation)
             except jwt.InvalidSignatureError as bad_signature:
                 error = bad_signature
                 continue
@@ -214,6 +237,22 @@ class TokenVerifier:
             source=source,
             claims=claims,
         )
+
+
+def _prepared_keys(provider: AuthProvider) -> dict[str, Any]:
+    """The provider's public key loaded for each of its algorithms (PyJWT would load the PEM again for
+    every token it verifies). An algorithm whose key does not load is left out: verification then hands
+    PyJWT the PEM, which refuses it as it always did."""
+    if provider.public_key is None:
+        return {}
+    algorithms = get_default_algorithms()
+    prepared: dict[str, Any] = {}
+    for name in provider.algorithms:
+        try:
+            prepared[name] = algorithms[name].prepare_key(provider.public_key)
+        except (KeyError, ValueError, TypeError, jwt.PyJWTError):
+            continue
+    return prepared
 
 
 def _check_dates(claims: dict[str, Any]) -> None:
