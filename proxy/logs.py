@@ -6,12 +6,14 @@ Callers pass only values that are safe to log: tokens never reach this module, o
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 if TYPE_CHECKING:
     from proxy.policy.model import LogSettings
@@ -51,8 +53,60 @@ class TextFormatter(logging.Formatter):
         return text
 
 
+class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes the lines of one event-loop iteration together, in one write, at the end of the iteration.
+
+    A busy gateway logs two lines per session (``session.open``, ``session.close``); written one by one,
+    each costs a system call and a wakeup of whatever reads the stream. Lines are never held longer than
+    the loop iteration that logged them, keep their order, and are written at once when no event loop
+    runs in the logging thread (start-up, shut-down, other threads) or when the handler is flushed (as
+    ``logging.shutdown`` does at exit).
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # noqa: BLE001 - logging's own contract: report and carry on
+            self.handleError(record)
+            return
+        self._pending.append(line)
+        if len(self._pending) > 1:
+            return  # a flush is already scheduled
+        try:
+            asyncio.get_running_loop().call_soon(self.flush)
+        except RuntimeError:  # no loop runs in this thread: nothing would flush later
+            self.flush()
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            if self._pending:
+                lines, self._pending = self._pending, []
+                try:
+                    self.stream.write("\n".join(lines) + "\n")
+                    self.stream.flush()
+                except (OSError, ValueError):  # a closed or broken stream: as StreamHandler, never raise
+                    logging.Handler.handleError(self, _flush_record)
+        finally:
+            self.release()
+
+
+#: What a failed flush reports through ``handleError`` (the lines it lost are no single record).
+_flush_record = logging.LogRecord("wsgate", logging.ERROR, __file__, 0, "log lines lost", None, None)
+
+
 def _timestamp(created: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+    """``2026-11-24T10:00:00.123Z``; the part up to the seconds is made once per second."""
+    return f"{_to_the_second(int(created))}.{int(created % 1 * 1000):03d}Z"
+
+
+@lru_cache(maxsize=4)
+def _to_the_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 def _text_value(value: object) -> str:
@@ -64,7 +118,7 @@ def configure(log_format: LogFormat = "auto", level: str = "info", error_file: P
     """Send wsgate's events to stdout: JSON lines unless ``auto`` finds a terminal. With ``error_file``,
     warnings and errors are also appended there as JSON lines (whatever the stdout format)."""
     use_text = log_format == "text" or (log_format == "auto" and sys.stdout.isatty())
-    handler: logging.Handler = logging.StreamHandler(sys.stdout)
+    handler: logging.Handler = BatchingStreamHandler(sys.stdout)
     handler.setFormatter(TextFormatter() if use_text else JsonFormatter())
     handlers = [handler]
     if error_file is not None:
