@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
+#: How many addresses the parsing helpers remember: the peers and forwarded hops seen most recently
+#: (the same balancer or client comes back at every handshake); bounded whatever the traffic.
+_REMEMBERED = 4096
 
+
+@lru_cache(maxsize=_REMEMBERED)
 def normalize_ip(address: str) -> str:
     """An IP as text, with IPv4-mapped IPv6 (``::ffff:1.2.3.4``) unwrapped and IPv6 zone ids dropped."""
     try:
@@ -24,6 +30,7 @@ def peer_ip(peername: object) -> str:
     return "unknown"
 
 
+@lru_cache(maxsize=_REMEMBERED)
 def _parse(address: str) -> IPv4Address | IPv6Address | None:
     try:
         ip = ipaddress.ip_address(address.strip().split("%", 1)[0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -67,6 +67,17 @@ class HandshakeRequest:
     token_provider: str | None = None
     #: The client's certificate, when the TLS handshake verified one.
     client_certificate: ClientCertificate | None = None
+    #: The host as routes match it (no port, lower case, no trailing dot): an absolute-form target's,
+    #: else the Host header's. None when there is none, or (for a request the reader did not check) when
+    #: it is not valid: only routes without a host match then. Read once, here: routing, the limits'
+    #: keys and every log line of the request use it.
+    host: str | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        try:
+            self.host = routing_host(self.target, header_value(self.headers, "host"))
+        except ValueError:
+            self.host = None
 
     @classmethod
     def build(
@@ -94,16 +105,6 @@ class HandshakeRequest:
             client_ip=client_ip,
             tls=tls,
         )
-
-    @property
-    def host(self) -> str | None:
-        """The host as routes match it (no port, lower case, no trailing dot): an absolute-form target's,
-        else the Host header's. None when there is none, or (for a request the reader did not check) when
-        it is not valid: only routes without a host match then."""
-        try:
-            return routing_host(self.target, self.header("host"))
-        except ValueError:
-            return None
 
     def header(self, name: str) -> str | None:
         """The first value of a header, or None."""
