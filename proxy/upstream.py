@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import socket
@@ -333,12 +334,31 @@ Address = tuple[int, int, tuple[Any, ...]]
 
 async def resolve_addresses(host: str, port: int) -> list[Address]:
     """Every address ``host`` resolves to now, in the resolver's order (asked again by every connect).
+    An IP address is its own answer, with no resolver and no timer involved.
 
     Raises:
         socket.gaierror: the name does not resolve.
     """
+    literal = _literal_address(host, port)
+    if literal is not None:
+        return [literal]
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return [(family, proto, sockaddr) for family, _type, proto, _name, sockaddr in infos]
+
+
+@lru_cache(maxsize=256)
+def _literal_address(host: str, port: int) -> Address | None:
+    """``host`` as the address ``getaddrinfo`` would give for it, when it is an IP address (else None;
+    also for an IPv6 address with a zone, whose scope id the resolver finds)."""
+    if "%" in host:
+        return None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if ip.version == 4:
+        return (socket.AF_INET, socket.IPPROTO_TCP, (host, port))
+    return (socket.AF_INET6, socket.IPPROTO_TCP, (host, port, 0, 0))
 
 
 def _host_header(upstream: Upstream) -> str:
@@ -363,8 +383,10 @@ async def _connect(
     loop = asyncio.get_running_loop()
     where = f"{upstream.host}:{upstream.port}"
     try:
-        async with asyncio.timeout_at(connect_by):
-            addresses = await resolve_addresses(upstream.host, upstream.port)
+        addresses = [literal] if (literal := _literal_address(upstream.host, upstream.port)) else None
+        if addresses is None:
+            async with asyncio.timeout_at(connect_by):
+                addresses = await resolve_addresses(upstream.host, upstream.port)
         tls = upstream_tls_context(upstream)
     except TimeoutError as error:
         raise UpstreamUnreachable(f"upstream host {upstream.host} was not resolved in time") from error
