@@ -33,11 +33,14 @@ def new_request_id() -> str:
     return os.urandom(8).hex()
 
 
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}
+
+
 def http_response(
     status: int, headers: list[tuple[str, str]] | tuple[tuple[str, str], ...], body: bytes = b""
 ) -> bytes:
     """A complete HTTP/1.1 response head (and body)."""
-    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"]
+    lines = [f"HTTP/1.1 {status} {_PHRASES.get(status) or HTTPStatus(status).phrase}"]
     lines.extend(f"{name}: {value}" for name, value in headers)
     if status != 101:
         lines.append(f"Content-Length: {len(body)}")
