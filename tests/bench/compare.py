@@ -29,7 +29,9 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -156,6 +158,8 @@ class Target:
     checks_tokens: bool = False
     workers: int = 1
     process: subprocess.Popen[bytes] | None = None
+    #: The proxy's own error log, if it writes one to a file (shown when it exits unexpectedly).
+    log_file: Path | None = None
 
     def pids(self) -> list[int]:
         return process_tree(self.process.pid) if self.process is not None else []
@@ -179,6 +183,15 @@ class Target:
             self.process.kill()
             self.process.wait(5)
         self.process = None
+
+    def ensure_running(self) -> None:
+        """Start the proxy again if it has exited since the last measurement, and say so: a column that
+        silently measured connection refusals would read as a very slow proxy."""
+        if self.process is not None and self.process.poll() is not None:
+            log(f"{self.name}: exited with status {self.process.returncode}; started again")
+            if self.log_file is not None and self.log_file.exists():
+                log(textwrap.indent(self.log_file.read_text()[-2000:], f"{self.name} log: "))
+            self.launch()
 
     def restart(self) -> None:
         if self.process is not None:
@@ -232,7 +245,7 @@ def nginx_target(name: str, upstream_port: int, workdir: Path, big_buffers: bool
     def start() -> subprocess.Popen[bytes]:
         return subprocess.Popen([binary, "-c", str(conf), "-p", str(prefix)], stderr=subprocess.DEVNULL)
 
-    return Target(name, port, start)
+    return Target(name, port, start, log_file=prefix / "error.log")
 
 
 def haproxy_target(upstream_port: int, workdir: Path) -> Target | None:
@@ -467,8 +480,8 @@ async def ping_pong(job: Job) -> dict[str, float]:
 
 async def open_sessions(job: Job) -> dict[str, float]:
     """``job.sessions`` openers, each in a loop: open a session (TCP connect, upgrade, 101 read), send a
-    close frame, wait for the close answer, hang up. Sessions/s counted at the 101. With ``job.tokens``
-    every session uses the next token of the list (and openers stop when it runs out)."""
+    close frame, wait for the close answer, reset the TCP connection. Sessions/s counted at the 101. With
+    ``job.tokens`` every session uses the next token of the list (and openers stop when it runs out)."""
     import picows
 
     class Closing(picows.WSListener):
@@ -501,6 +514,12 @@ async def open_sessions(job: Job) -> dict[str, float]:
             transport.send_close(picows.WSCloseCode.OK)
             await asyncio.wait_for(listener.closed, 5)
         finally:
+            # The WebSocket close is done; the TCP connection is reset rather than closed so that tens of
+            # thousands of sessions leave no TIME_WAIT behind: with the ephemeral ports full of them,
+            # every later connect() is slower, and the targets measured last would pay for the first.
+            sock = transport.underlying_transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             transport.disconnect()
             await transport.wait_disconnected()
         return True
@@ -623,25 +642,31 @@ class Settings:
 def measure_round(targets: list[Target], settings: Settings, rs256_key: object, results: dict) -> None:  # type: ignore[type-arg]
     """Every workload over every target in turn; figures appended to ``results[row][target]``."""
 
-    def record(row: str, target: Target, figures: dict[str, float]) -> None:
+    def measure(row: str, target: Target, job: Job) -> None:
+        started = time.monotonic()
+        target.ensure_running()
+        job.pids = target.pids()
+        figures = run_client(job)
+        took = f"{time.monotonic() - started:.1f} s"
         if "error" in figures:
-            log(f"  {target.name}: {row}: {figures['error']}")
-        elif figures.get("failed"):
-            log(f"  {target.name}: {row}: {figures['failed']:.0f} failed, last: {figures.get('last_error')}")
+            log(f"  {row}: {target.name}: {figures['error']} ({took})")
+        else:
+            key = ROW_FIGURES[row][1]
+            log(f"  {row}: {target.name}: {key} {figures.get(key, float('nan')):.1f} ({took})")
+            if figures.get("failed"):
+                log(f"    {figures['failed']:.0f} failed, the last with {figures.get('last_error')}")
         results.setdefault(row, {}).setdefault(target.name, []).append(figures)
 
     token = hs256_token()
     for row, sessions, size in ((PINGPONG_64, 50, 64), (PINGPONG_64K, 10, 65536)):
         for target in targets:
-            log(f"  {row}: {target.name}")
             job = Job("pingpong", target.url(), target.pids(), token, settings.duration, settings.warmup)
             job.sessions, job.size = sessions, size
-            record(row, target, run_client(job))
+            measure(row, target, job)
     for row in (OPEN_SAME, OPEN_HS256, OPEN_RS256):
         for target in targets:
             if row == OPEN_RS256 and not target.checks_tokens:
                 continue  # the peers do not look at the token: their figure is row OPEN_HS256's
-            log(f"  {row}: {target.name}")
             path = RS256_PATH if row == OPEN_RS256 else GUARDED_PATH
             job = Job("open", target.url(path), target.pids(), token, settings.open_duration, 0.5)
             job.sessions = 20
@@ -650,13 +675,18 @@ def measure_round(targets: list[Target], settings: Settings, rs256_key: object, 
             elif row == OPEN_RS256:
                 job.tokens = distinct_tokens(settings.rs256_tokens, rs256_key)
                 job.token = distinct_tokens(1, rs256_key)[0]
-            record(row, target, run_client(job))
+            measure(row, target, job)
     for target in targets:
-        log(f"  {IDLE}: {target.name} (restarted first, so memory freed by earlier work is not reused)")
-        target.restart()
+        target.restart()  # so that memory freed by the earlier workloads is not silently reused
         job = Job("idle", target.url(), target.pids(), token, 60.0, 0.0)
         job.sessions = settings.idle_sessions
-        record(IDLE, target, run_client(job))
+        measure(IDLE, target, job)
+
+
+#: The columns --targets can name (wsgate's worker columns and its baseline come with "wsgate").
+TARGET_NAMES = ("direct", "nginx", "nginx 256k", "haproxy", "aiohttp relay", "wsgate")
+#: Spellings that need no quotes in a shell.
+TARGET_ALIASES = {"nginx-256k": "nginx 256k", "nginx256k": "nginx 256k", "aiohttp": "aiohttp relay"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -670,7 +700,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--targets",
         nargs="+",
-        default=["direct", "nginx", "nginx 256k", "haproxy", "aiohttp relay", "wsgate"],
+        default=list(TARGET_NAMES),
         help="columns to measure (names as in the table; 'nginx-256k' and 'aiohttp' are accepted too)",
     )
     parser.add_argument(
@@ -687,10 +717,10 @@ def parse_args() -> argparse.Namespace:
 
 
 def build_targets(args: argparse.Namespace, upstream_port: int, workdir: Path) -> list[Target]:
-    wanted = {
-        name.replace("-", " ").replace("aiohttp", "aiohttp relay").replace("relay relay", "relay")
-        for name in args.targets
-    }
+    wanted = {TARGET_ALIASES.get(name, name) for name in args.targets}
+    unknown = wanted - set(TARGET_NAMES)
+    if unknown:
+        raise SystemExit(f"unknown target(s): {', '.join(sorted(unknown))}; known: {', '.join(TARGET_NAMES)}")
     targets: list[Target | None] = []
     if "direct" in wanted:
         targets.append(Target("direct", upstream_port, lambda: None))
@@ -738,7 +768,9 @@ def main() -> None:
                 target.launch()
             for round_number in range(1, args.rounds + 1):
                 log(f"round {round_number}/{args.rounds}")
-                measure_round(targets, settings, rs256_key, results)
+                # Each round starts one target further on: none is always measured right after the same one.
+                shift = (round_number - 1) % len(targets)
+                measure_round(targets[shift:] + targets[:shift], settings, rs256_key, results)
         except KeyboardInterrupt:
             log("interrupted: stopping every process started")
             raise
