@@ -169,7 +169,18 @@ class Target:
 
     def launch(self) -> None:
         self.process = self.start()
-        wait_port(self.port, 20)
+        deadline = time.monotonic() + 20
+        while self.process is not None:
+            status = self.process.poll()
+            if status is not None:
+                self.process = None
+                raise RuntimeError(f"{self.name} exited with status {status} at start")
+            try:
+                wait_port(self.port, 0.2)
+                break
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name}: nothing listening on {self.port} after 20 s") from None
         time.sleep(0.3)  # a supervisor's workers, nginx's worker: let them all come up
 
     def stop(self) -> None:
@@ -762,10 +773,16 @@ def main() -> None:
         upstream.start()
         try:
             wait_port(upstream_port)
-            targets = build_targets(args, upstream_port, workdir)
-            for target in targets:
+            targets = []
+            for target in build_targets(args, upstream_port, workdir):
                 log(f"starting {target.name} on port {target.port}")
-                target.launch()
+                try:
+                    target.launch()
+                except RuntimeError as exc:
+                    log(f"{exc}: column left out")
+                    target.stop()
+                    continue
+                targets.append(target)
             for round_number in range(1, args.rounds + 1):
                 log(f"round {round_number}/{args.rounds}")
                 # Each round starts one target further on: none is always measured right after the same one.
