@@ -133,6 +133,7 @@ def run_upstream(port: int) -> None:
     import picows
     import uvloop
 
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's handler is for the parent
     raise_nofile()
 
     class Echo(picows.WSListener):
@@ -427,6 +428,7 @@ class Job:
 def client_main(job: Job, answer: multiprocessing.connection.Connection) -> None:
     import uvloop
 
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's handler is for the parent
     raise_nofile()
     workloads = {"pingpong": ping_pong, "open": open_sessions, "idle": idle_sessions}
     try:
@@ -762,9 +764,17 @@ def build_targets(args: argparse.Namespace, upstream_port: int, workdir: Path) -
     return [target for target in targets if target is not None]
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> None:
     args = parse_args()
     raise_nofile()
+    # Ctrl-C and a plain kill both go through the finally below that stops every process started (SIGINT
+    # is set again because a shell starting this in the background hands it over ignored).
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     if args.quick:
         settings = Settings(1.5, 0.5, 1.5, 300, 8_000, 1_000)
     else:
@@ -978,4 +988,7 @@ def print_ratios(results: dict, names: list[str]) -> None:  # type: ignore[type-
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)  # every process started is stopped by then; the table is not printed
