@@ -700,6 +700,8 @@ def measure_round(targets: list[Target], settings: Settings, rs256_key: object, 
                 job.token = distinct_tokens(1, rs256_key)[0]
             measure(row, target, job)
     for target in targets:
+        if target.process is None:
+            continue  # direct: no proxy whose memory to read
         target.restart()  # so that memory freed by the earlier workloads is not silently reused
         job = Job("idle", target.url(), target.pids(), token, 60.0, 0.0)
         job.sessions = settings.idle_sessions
