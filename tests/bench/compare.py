@@ -371,12 +371,16 @@ def wsgate_policy(port: int, upstream_port: int, workdir: Path) -> Path:
     return policy
 
 
-def wsgate_target(name: str, upstream_port: int, workdir: Path, repo: Path, workers: int) -> Target:
+def wsgate_target(
+    name: str, upstream_port: int, workdir: Path, repo: Path, workers: int, log_level: str
+) -> Target:
+    """``wsgate serve`` from ``repo``; at ``log_level`` info (its default) it writes its two lines per
+    session (to /dev/null here), as a deployment does; nginx and haproxy run without access logs."""
     port = free_port()
     policy = wsgate_policy(port, upstream_port, workdir)
 
     def start() -> subprocess.Popen[bytes]:
-        command = [sys.executable, "-m", "proxy", "serve", "-c", str(policy), "--log-level", "warning"]
+        command = [sys.executable, "-m", "proxy", "serve", "-c", str(policy), "--log-level", log_level]
         if workers > 1:
             command += ["--workers", str(workers)]
         env = {**os.environ, "WSGATE_BENCH_SECRET": BENCH_SECRET}
@@ -736,6 +740,11 @@ def parse_args() -> argparse.Namespace:
         help="a wsgate column per worker count, e.g. 1 2 (needs no per-IP limits, which this policy has)",
     )
     parser.add_argument("--baseline", type=Path, help="another wsgate checkout, as a 'wsgate (base)' column")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        help="wsgate's log level (default info, as it ships: a session.open and a session.close line each)",
+    )
     parser.add_argument("--idle-sessions", type=int, help="sessions held for the RSS row (2000, 300 quick)")
     parser.add_argument("--json", type=Path, help="write the raw figures of every round to this file")
     return parser.parse_args()
@@ -760,9 +769,10 @@ def build_targets(args: argparse.Namespace, upstream_port: int, workdir: Path) -
     if "wsgate" in wanted:
         for workers in args.wsgate_workers:
             name = "wsgate" if workers == 1 else f"wsgate x{workers}"
-            targets.append(wsgate_target(name, upstream_port, workdir, REPO, workers))
+            targets.append(wsgate_target(name, upstream_port, workdir, REPO, workers, args.log_level))
     if args.baseline is not None:
-        targets.append(wsgate_target("wsgate (base)", upstream_port, workdir, args.baseline.resolve(), 1))
+        base = args.baseline.resolve()
+        targets.append(wsgate_target("wsgate (base)", upstream_port, workdir, base, 1, args.log_level))
     return [target for target in targets if target is not None]
 
 
