@@ -178,12 +178,20 @@ class _H11HeadReader:
                 return TOO_LARGE()
             return Rejection(400, "bad_request", f"malformed HTTP request: {error}")
         return _routed_head(
+            host=_host_header(event),
             method=event.method.decode("ascii"),
             target=event.target.decode("latin-1"),
             http_version=event.http_version.decode("ascii"),
             headers=tuple((name.decode("latin-1"), value.decode("latin-1")) for name, value in event.headers),
             rest=rest + held_back,
         )
+
+
+def _host_header(request: h11.Request) -> str | None:
+    for name, value in request.headers:
+        if name == b"host":
+            return value.decode("latin-1")
+    return None
 
 
 def _announces_body(request: h11.Request) -> bool:
@@ -235,9 +243,9 @@ class _PlainHeadReader:
             return self._read_with_h11(held_back)
         if head_length > self._max_header_bytes:
             return TOO_LARGE()
-        method, target, headers = fields
+        method, target, headers, host = fields
         rest = bytes(self._received[head_length:]) + held_back
-        return _routed_head(method=method, target=target, http_version="1.1", headers=headers, rest=rest)
+        return _routed_head(method, target, "1.1", headers, host, rest)
 
     def _read_with_h11(self, held_back: bytes) -> RequestHead | Rejection | None:
         """Everything received so far, given to h11 at once: as h11's answer does not depend on how the
@@ -277,9 +285,9 @@ _TOKEN_BYTES = b"-!#$%&'*+.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKL
 _TARGET_BYTES = bytes(range(0x21, 0x7F))
 
 
-def _parse_plain_head(head: bytes) -> tuple[str, str, tuple[tuple[str, str], ...]] | None:
-    """The method, target and headers of a complete head (up to and including its blank line) written in
-    the plain form, exactly as h11 reports them; None for any other head, which h11 must read.
+def _parse_plain_head(head: bytes) -> tuple[str, str, tuple[tuple[str, str], ...], str] | None:
+    """The method, target, headers and Host of a complete head (up to and including its blank line)
+    written in the plain form, exactly as h11 reports them; None for any other head, which h11 must read.
 
     The plain form: ``METHOD SP target SP HTTP/1.1 CRLF``, then ``Name: value CRLF`` lines, then CRLF, with
     the method and the names h11 tokens, the target h11's VCHARs, no CR, LF, NUL, VT or FF in a value,
@@ -311,36 +319,37 @@ def _parse_plain_head(head: bytes) -> tuple[str, str, tuple[tuple[str, str], ...
         and not b"".join(names).translate(None, _TOKEN_BYTES)
     ):
         return None
-    written = [method, b" ", target, b" HTTP/1.1\r\n"]
-    for name, value in zip(names, values, strict=True):
-        written += (name, b": ", value, b"\r\n")
-    written.append(b"\r\n")
-    if b"".join(written) != head:
+    lines = b"\r\n".join(map(b": ".join, zip(names, values, strict=True)))
+    if head != b"%s %s HTTP/1.1\r\n%s\r\n\r\n" % (method, target, lines):
         return None
     joined_values = b"\n".join(values)
     if (
-        b"\r" in joined_values
+        joined_values.count(b"\n") != len(values) - 1  # a value holds an LF
+        or b"\r" in joined_values
         or b"\x00" in joined_values
         or b"\x0b" in joined_values
         or b"\x0c" in joined_values
     ):
         return None
-    decoded = joined_values.decode("latin-1").split("\n")
-    if len(decoded) != len(values):  # a value held an LF
-        return None
-    # Names are ASCII tokens: they are lowered (as h11 lowers bytes) and decoded in one piece.
+    # Names are ASCII tokens and no value holds an LF, so each list is lowered or decoded in one piece. With
+    # CR, LF, VT and FF ruled out, bytes.strip() strips what h11 strips around a value: spaces and tabs.
     lowered = b"\n".join(names).lower().decode("latin-1").split("\n")
     if lowered.count("host") != 1 or "content-length" in lowered or "transfer-encoding" in lowered:
         return None
-    stripped = [value.strip(" \t") for value in decoded]
-    return method.decode("ascii"), target.decode("ascii"), tuple(zip(lowered, stripped, strict=True))
+    stripped = b"\n".join(map(bytes.strip, values)).decode("latin-1").split("\n")
+    headers = tuple(zip(lowered, stripped, strict=True))
+    return method.decode("ascii"), target.decode("ascii"), headers, stripped[lowered.index("host")]
 
 
 def _routed_head(
-    method: str, target: str, http_version: str, headers: tuple[tuple[str, str], ...], rest: bytes
+    method: str,
+    target: str,
+    http_version: str,
+    headers: tuple[tuple[str, str], ...],
+    host: str | None,
+    rest: bytes,
 ) -> RequestHead | Rejection:
-    """The head, or 400 when the host it is routed by (its target's or its Host header's) is not valid."""
-    host = next((value for name, value in headers if name == "host"), None)
+    """The head, or 400 when the host it is routed by (its target's or its ``host`` header's) is not valid."""
     try:
         routing_host(target, host)
     except ValueError as error:
