@@ -14,9 +14,9 @@ complete head in one call. That split is used only when the head's bytes are exa
 written in the plain form browsers send (CRLF lines, ``Name: value``, HTTP/1.1, one Host, no body
 headers), and every part passes h11's own grammar (:func:`_parse_plain_head` says why h11 then reports the
 same fields); anything else (llhttp refusing the bytes, bare LF, obs-fold, extra spaces in the request
-line or after a colon, a Content-Length) goes to h11 with the same bytes, and its answer is the result. ``parser="h11"`` reads with
-h11 alone, as the reference the tests compare with; :attr:`RequestReader.parsed_by` says which parser
-made a result.
+line or after a colon, a Content-Length) goes to h11 with the same bytes, and its answer is the result.
+``parser="h11"`` reads with h11 alone, as the reference the tests compare with;
+:attr:`RequestReader.parsed_by` says which parser made a result.
 
 What it guarantees, whatever the pieces (the property tests feed it random splits):
 

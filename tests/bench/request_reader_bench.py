@@ -90,7 +90,7 @@ def main() -> None:
             rounds[name].append(per_reading(parser, request, options.number))
 
     print(f"request: {len(REQUEST)} bytes, {len(head.headers)} headers")
-    print(f"{options.rounds} rounds of {options.number} readings per path, alternating")
+    print(f"{options.rounds} rounds of {options.number} readings per row, alternating")
     print(f"{'path':<12}{'median µs CPU':>16}{'best µs CPU':>14}")
     for name, _, _ in ROWS:
         print(f"{name:<12}{statistics.median(rounds[name]):>16.1f}{min(rounds[name]):>14.1f}")
