@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from ipaddress import ip_address
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +51,13 @@ class HandshakeContext:
     token_provider: str | None = None
 
     def __post_init__(self) -> None:
-        try:
-            self.client_address = ip_address(self.client_ip)
-        except ValueError:
-            self.client_address = None
+        self.client_address = _client_address(self.client_ip)
+
+
+@lru_cache(maxsize=4096)
+def _client_address(client_ip: str) -> IPAddress | None:
+    """The client IP parsed, once per address seen (the same clients come back; bounded whatever comes)."""
+    try:
+        return ip_address(client_ip)
+    except ValueError:
+        return None
