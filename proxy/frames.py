@@ -77,33 +77,25 @@ except ImportError:  # aiohttp built without its extensions (AIOHTTP_NO_EXTENSIO
 #: masks every client frame, so the gateway logs this at start and a test asserts the fast one.
 MASK_IMPLEMENTATION = "python" if _mask_cython is None else "aiohttp-cython"
 
-# The choice is made here, once: apply_mask and mask_in_place are defined for the implementation in use,
-# so the hot path asks nothing per call.
-if _mask_cython is not None:
 
-    def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes | bytearray:
-        """XOR ``data`` with the 4-byte ``mask`` repeated; masking and unmasking are the same operation.
+def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes | bytearray:
+    """XOR ``data`` with the 4-byte ``mask`` repeated; masking and unmasking are the same operation.
 
-        Returns a new buffer (``data`` is never changed).
-        """
-        out = bytearray(data)
-        _mask_cython(mask, out)
-        return out
-
-    def mask_in_place(data: bytearray, mask: bytes) -> None:
-        """XOR ``data`` with the 4-byte ``mask`` repeated, in place (a buffer the caller owns and hands
-        on)."""
-        _mask_cython(mask, data)
-
-else:  # pragma: no cover - the tests run with aiohttp's extensions (and assert it)
-
-    def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes | bytearray:
-        """As above, with the big-integer XOR."""
+    Returns a new buffer (``data`` is never changed).
+    """
+    if _mask_cython is None:  # pragma: no cover - the tests run with aiohttp's extensions (and assert it)
         return _apply_mask_bigint(data, mask)
+    out = bytearray(data)
+    _mask_cython(mask, out)
+    return out
 
-    def mask_in_place(data: bytearray, mask: bytes) -> None:
-        """As above, with the big-integer XOR."""
+
+def mask_in_place(data: bytearray, mask: bytes) -> None:
+    """XOR ``data`` with the 4-byte ``mask`` repeated, in place (a buffer the caller owns and hands on)."""
+    if _mask_cython is None:  # pragma: no cover
         data[:] = _apply_mask_bigint(data, mask)
+    else:
+        _mask_cython(mask, data)
 
 
 class MaskSource:

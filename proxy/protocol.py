@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from codecs import utf_8_decode
 from enum import IntFlag
+from typing import Final
 
 from proxy.deflate import Deflater, Inflater
 from proxy.errors import MessageTooBig, PeerError, ProtocolError, RuleBroken
@@ -39,6 +40,10 @@ from proxy.frames import (
     parse_close,
 )
 from proxy.rules import MessageChecker, Violation
+
+#: Whether this module runs compiled (the mypyc extension the build makes when it has a C compiler) or
+#: interpreted (the same source, installed as it is): the gateway logs it at start.
+COMPILED: Final = __file__.endswith((".so", ".pyd"))
 
 #: Frames read in one turn at most: a read of 256 KiB of empty frames is 43,000 of them, and other
 #: sessions wait while one turn runs (about 2 µs a frame).
