@@ -1,4 +1,4 @@
-"""Frame core micro-benchmark: µs per ``FrameReader.receive_data`` of one masked 64-byte binary frame.
+"""Frame core micro-benchmark: CPU-µs per ``FrameReader.receive_data`` of one masked 64-byte binary frame.
 
 Not collected by pytest. Run:  .venv/bin/python tests/bench/frame_core_bench.py [--frames N] [--repeat N]
 
@@ -6,6 +6,7 @@ The reader is a client-side one (masked frames in, re-masked frames out) with th
 message types and a message and byte rate (limits far above the load). Each implementation runs in a
 subprocess of its own: "compiled" imports the package as installed here (the mypyc extension when it was
 built), "pure" imports a copy of its ``.py`` files only. Both are printed when both can be imported.
+Times are the process's CPU time (a machine shared with other work slows the wall clock more than that).
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ def measure(frames: int, repeat: int, size: int) -> None:
     results = []
     for _ in range(repeat):
         now = 1.0
-        start = time.perf_counter()
+        start = time.process_time()
         for _ in range(frames):
             receive(frame, now)
             now += 1e-6
-        results.append((time.perf_counter() - start) / frames * 1e6)
+        results.append((time.process_time() - start) / frames * 1e6)
     assert reader.messages == repeat * frames + 1 and not reader.events
     kind = "compiled" if protocol.COMPILED else "pure"
     print(

@@ -24,7 +24,7 @@ def _compiled(module: ModuleType) -> bool:
 
 
 def test_the_frame_core_is_one_build() -> None:
-    assert protocol.COMPILED == _compiled(protocol)
+    assert _compiled(protocol) == protocol.COMPILED
     assert [_compiled(module) for module in CORE] == [protocol.COMPILED] * len(CORE), [
         module.__file__ for module in CORE
     ]
@@ -35,7 +35,7 @@ def test_the_expected_build_is_imported() -> None:
     if expected is None:
         pytest.skip("WSGATE_EXPECT_COMPILED is not set (CI sets it to 1, then 0)")
     assert expected in ("0", "1"), f"WSGATE_EXPECT_COMPILED={expected!r}: 1 or 0"
-    assert protocol.COMPILED == (expected == "1"), protocol.__file__
+    assert (expected == "1") == protocol.COMPILED, protocol.__file__
 
 
 def test_a_compiled_module_is_newer_than_its_source() -> None:
