@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+from collections.abc import Callable
 from enum import IntEnum
+from typing import Final
 
 from proxy.errors import CloseCode, ProtocolError
 
@@ -65,12 +67,18 @@ def _apply_mask_bigint(data: bytes | bytearray | memoryview, mask: bytes) -> byt
     return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(length, "little")
 
 
-try:
-    from aiohttp._websocket.mask import (  # type: ignore[import-not-found]
-        _websocket_mask_cython as _mask_cython,
-    )
-except ImportError:  # aiohttp built without its extensions (AIOHTTP_NO_EXTENSIONS), or not for this platform
-    _mask_cython = None
+def _compiled_mask() -> Callable[[bytes, bytearray], None] | None:
+    """aiohttp's compiled XOR, or None: aiohttp built without its extensions (AIOHTTP_NO_EXTENSIONS), or
+    not for this platform."""
+    try:
+        from aiohttp._websocket.mask import _websocket_mask_cython  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    mask: Callable[[bytes, bytearray], None] = _websocket_mask_cython
+    return mask
+
+
+_mask_cython: Final = _compiled_mask()
 
 #: Which masking runs: "aiohttp-cython" (aiohttp's compiled XOR, 4-35x faster than the big-integer XOR
 #: from 64 B to 64 KiB; aiohttp 3.11+, not a public API) or "python" (the big-integer XOR). The relay
@@ -98,22 +106,24 @@ def mask_in_place(data: bytearray, mask: bytes) -> None:
         _mask_cython(mask, data)
 
 
+#: Masking keys drawn from the OS at once: 1024 keys.
+_MASK_BATCH: Final = 4096
+
+
 class MaskSource:
     """Unpredictable 4-byte masking keys, drawn from the OS in batches (off the hot path)."""
 
     __slots__ = ("_pool", "_pos")
 
-    _BATCH = 4096
-
     def __init__(self) -> None:
-        self._pool = os.urandom(self._BATCH)
+        self._pool = os.urandom(_MASK_BATCH)
         self._pos = 0
 
     def next(self) -> bytes:
         """The next masking key."""
         pos = self._pos
-        if pos >= self._BATCH:
-            self._pool = os.urandom(self._BATCH)
+        if pos >= _MASK_BATCH:
+            self._pool = os.urandom(_MASK_BATCH)
             pos = 0
         self._pos = pos + 4
         return self._pool[pos : pos + 4]

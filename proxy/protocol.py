@@ -47,24 +47,32 @@ COMPILED: Final = __file__.endswith((".so", ".pyd"))
 
 #: Frames read in one turn at most: a read of 256 KiB of empty frames is 43,000 of them, and other
 #: sessions wait while one turn runs (about 2 µs a frame).
-FRAMES_PER_TURN = 2048
+FRAMES_PER_TURN: Final = 2048
 #: Pieces of a frame smaller than this are held until this much (or the frame's end) arrived.
-HOLD_BYTES = 4096
+HOLD_BYTES: Final = 4096
 #: Inflated bytes one turn produces at most before the rest of its read waits for the next turn (and for
 #: the other side's write buffer to drain): 256 KiB read can inflate to far more than 256 KiB written.
-TURN_INFLATED_BYTES = 1 << 20
+TURN_INFLATED_BYTES: Final = 1 << 20
 
 #: What happens to the payload of the frame being read (RFC 7692: _TRANSCODE inflated and/or compressed
 #: again, _SHADOW passed on compressed as it came while a shadow inflater keeps its size and context).
-_FORWARD, _UTF8, _GATHER, _SKIP, _TRANSCODE, _SHADOW = 0, 1, 2, 3, 4, 5
-_TEXT, _CLOSE, _PING, _PONG = 0x1, 0x8, 0x9, 0xA
-_FIN = 0x80
-_RSV = 0x70
-_RSV1 = 0x40
-_RSV23 = 0x30
+_FORWARD: Final = 0
+_UTF8: Final = 1
+_GATHER: Final = 2
+_SKIP: Final = 3
+_TRANSCODE: Final = 4
+_SHADOW: Final = 5
+_TEXT: Final = 0x1
+_CLOSE: Final = 0x8
+_PING: Final = 0x9
+_PONG: Final = 0xA
+_FIN: Final = 0x80
+_RSV: Final = 0x70
+_RSV1: Final = 0x40
+_RSV23: Final = 0x30
 
 #: One source of masking keys per process: a key per frame sent upstream, and the payloads of pings.
-MASKS = MaskSource()
+MASKS: Final = MaskSource()
 
 
 class Events(IntFlag):
