@@ -525,18 +525,23 @@ class FrameReader:
     # -- helpers of _read ----------------------------------------------------------------------------
 
     def _remask(self, buf: bytes, pos: int, hlen: int, end: int, pieces: list[bytes | bytearray]) -> None:
-        """A whole client frame, re-masked with a fresh key in one XOR with the combined key. A large
-        frame's header and payload stay separate pieces: joining them would copy the payload."""
+        """A whole client frame, re-masked with a fresh key. A small frame's payload is unmasked, then
+        masked (two XORs over a few bytes cost less than combining the keys); a large one's is XORed once
+        with the combined key, and its header and payload stay separate pieces: joining them would copy
+        the payload."""
         new_key = MASKS.next()
-        combined = (
-            int.from_bytes(buf[pos + hlen - 4 : pos + hlen], "little") ^ int.from_bytes(new_key, "little")
-        ).to_bytes(4, "little")
-        payload = apply_mask(buf[pos + hlen : end], combined)
+        key_at = pos + hlen - 4
         if end - pos < 4096:
-            _append_small(pieces, buf[pos : pos + hlen - 4] + new_key, payload)
-        else:
-            pieces.append(buf[pos : pos + hlen - 4] + new_key)
-            pieces.append(payload)
+            payload = bytearray(buf[key_at + 4 : end])
+            mask_in_place(payload, buf[key_at : key_at + 4])
+            mask_in_place(payload, new_key)
+            _append_small(pieces, buf[pos:key_at] + new_key, payload)
+            return
+        combined = (
+            int.from_bytes(buf[key_at : key_at + 4], "little") ^ int.from_bytes(new_key, "little")
+        ).to_bytes(4, "little")
+        pieces.append(buf[pos:key_at] + new_key)
+        pieces.append(apply_mask(buf[key_at + 4 : end], combined))
 
     def _plain(self, buf: bytes, start: int, stop: int, key_at: int, offset: int) -> bytes | bytearray:
         """Payload bytes ``buf[start:stop]`` unmasked (the key at ``key_at``; ``offset`` into the frame)."""
