@@ -32,6 +32,7 @@ from proxy.listener import LINGER_SECONDS, HandshakeProtocol
 from proxy.metrics import Metrics, build_registry
 from proxy.policy.model import Address, Policy
 from proxy.pool import Pools
+from proxy.protocol import COMPILED
 from proxy.reload import Reloader, enforce
 from proxy.request import HandshakeRequest
 from proxy.session_control import Selector, close_matching, close_request
@@ -153,7 +154,9 @@ class Gateway:
         self.pools.apply(self.policy)
         acceptor.start()
         self._prefetch_keys()
-        logs.event("gateway.mask", implementation=MASK_IMPLEMENTATION)
+        logs.event(
+            "gateway.mask", implementation=MASK_IMPLEMENTATION, frame_core="compiled" if COMPILED else "pure"
+        )
         logs.event(
             "gateway.listening",
             address=str(self.address),

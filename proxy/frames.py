@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+from collections.abc import Callable
 from enum import IntEnum
+from typing import Final
 
 from proxy.errors import CloseCode, ProtocolError
 
@@ -65,45 +67,47 @@ def _apply_mask_bigint(data: bytes | bytearray | memoryview, mask: bytes) -> byt
     return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(length, "little")
 
 
-try:
-    from aiohttp._websocket.mask import (  # type: ignore[import-not-found]
-        _websocket_mask_cython as _mask_cython,
-    )
-except ImportError:  # aiohttp built without its extensions (AIOHTTP_NO_EXTENSIONS), or not for this platform
-    _mask_cython = None
+def _compiled_mask() -> Callable[[bytes, bytearray], None] | None:
+    """aiohttp's compiled XOR, or None: aiohttp built without its extensions (AIOHTTP_NO_EXTENSIONS), or
+    not for this platform."""
+    try:
+        from aiohttp._websocket.mask import _websocket_mask_cython  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    mask: Callable[[bytes, bytearray], None] = _websocket_mask_cython
+    return mask
+
+
+_mask_cython: Final = _compiled_mask()
 
 #: Which masking runs: "aiohttp-cython" (aiohttp's compiled XOR, 4-35x faster than the big-integer XOR
 #: from 64 B to 64 KiB; aiohttp 3.11+, not a public API) or "python" (the big-integer XOR). The relay
 #: masks every client frame, so the gateway logs this at start and a test asserts the fast one.
 MASK_IMPLEMENTATION = "python" if _mask_cython is None else "aiohttp-cython"
 
-# The choice is made here, once: apply_mask and mask_in_place are defined for the implementation in use,
-# so the hot path asks nothing per call.
-if _mask_cython is not None:
 
-    def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes | bytearray:
-        """XOR ``data`` with the 4-byte ``mask`` repeated; masking and unmasking are the same operation.
+def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes | bytearray:
+    """XOR ``data`` with the 4-byte ``mask`` repeated; masking and unmasking are the same operation.
 
-        Returns a new buffer (``data`` is never changed).
-        """
-        out = bytearray(data)
-        _mask_cython(mask, out)
-        return out
+    Returns a new buffer (``data`` is never changed).
+    """
+    if _mask_cython is None:  # pragma: no cover - the tests run with aiohttp's extensions (and assert it)
+        return _apply_mask_bigint(data, mask)
+    out = bytearray(data)
+    _mask_cython(mask, out)
+    return out
 
-    def mask_in_place(data: bytearray, mask: bytes) -> None:
-        """XOR ``data`` with the 4-byte ``mask`` repeated, in place (a buffer the caller owns and hands
-        on)."""
+
+def mask_in_place(data: bytearray, mask: bytes) -> None:
+    """XOR ``data`` with the 4-byte ``mask`` repeated, in place (a buffer the caller owns and hands on)."""
+    if _mask_cython is None:  # pragma: no cover
+        data[:] = _apply_mask_bigint(data, mask)
+    else:
         _mask_cython(mask, data)
 
-else:  # pragma: no cover - the tests run with aiohttp's extensions (and assert it)
 
-    def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes | bytearray:
-        """As above, with the big-integer XOR."""
-        return _apply_mask_bigint(data, mask)
-
-    def mask_in_place(data: bytearray, mask: bytes) -> None:
-        """As above, with the big-integer XOR."""
-        data[:] = _apply_mask_bigint(data, mask)
+#: Masking keys drawn from the OS at once: 1024 keys.
+_MASK_BATCH: Final = 4096
 
 
 class MaskSource:
@@ -111,17 +115,15 @@ class MaskSource:
 
     __slots__ = ("_pool", "_pos")
 
-    _BATCH = 4096
-
     def __init__(self) -> None:
-        self._pool = os.urandom(self._BATCH)
+        self._pool = os.urandom(_MASK_BATCH)
         self._pos = 0
 
     def next(self) -> bytes:
         """The next masking key."""
         pos = self._pos
-        if pos >= self._BATCH:
-            self._pool = os.urandom(self._BATCH)
+        if pos >= _MASK_BATCH:
+            self._pool = os.urandom(_MASK_BATCH)
             pos = 0
         self._pos = pos + 4
         return self._pool[pos : pos + 4]

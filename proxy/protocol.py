@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from codecs import utf_8_decode
 from enum import IntFlag
+from typing import Final
 
 from proxy.deflate import Deflater, Inflater
 from proxy.errors import MessageTooBig, PeerError, ProtocolError, RuleBroken
@@ -40,26 +41,38 @@ from proxy.frames import (
 )
 from proxy.rules import MessageChecker, Violation
 
+#: Whether this module runs compiled (the mypyc extension the build makes when it has a C compiler) or
+#: interpreted (the same source, installed as it is): the gateway logs it at start.
+COMPILED: Final = __file__.endswith((".so", ".pyd"))
+
 #: Frames read in one turn at most: a read of 256 KiB of empty frames is 43,000 of them, and other
 #: sessions wait while one turn runs (about 2 µs a frame).
-FRAMES_PER_TURN = 2048
+FRAMES_PER_TURN: Final = 2048
 #: Pieces of a frame smaller than this are held until this much (or the frame's end) arrived.
-HOLD_BYTES = 4096
+HOLD_BYTES: Final = 4096
 #: Inflated bytes one turn produces at most before the rest of its read waits for the next turn (and for
 #: the other side's write buffer to drain): 256 KiB read can inflate to far more than 256 KiB written.
-TURN_INFLATED_BYTES = 1 << 20
+TURN_INFLATED_BYTES: Final = 1 << 20
 
 #: What happens to the payload of the frame being read (RFC 7692: _TRANSCODE inflated and/or compressed
 #: again, _SHADOW passed on compressed as it came while a shadow inflater keeps its size and context).
-_FORWARD, _UTF8, _GATHER, _SKIP, _TRANSCODE, _SHADOW = 0, 1, 2, 3, 4, 5
-_TEXT, _CLOSE, _PING, _PONG = 0x1, 0x8, 0x9, 0xA
-_FIN = 0x80
-_RSV = 0x70
-_RSV1 = 0x40
-_RSV23 = 0x30
+_FORWARD: Final = 0
+_UTF8: Final = 1
+_GATHER: Final = 2
+_SKIP: Final = 3
+_TRANSCODE: Final = 4
+_SHADOW: Final = 5
+_TEXT: Final = 0x1
+_CLOSE: Final = 0x8
+_PING: Final = 0x9
+_PONG: Final = 0xA
+_FIN: Final = 0x80
+_RSV: Final = 0x70
+_RSV1: Final = 0x40
+_RSV23: Final = 0x30
 
 #: One source of masking keys per process: a key per frame sent upstream, and the payloads of pings.
-MASKS = MaskSource()
+MASKS: Final = MaskSource()
 
 
 class Events(IntFlag):
@@ -512,18 +525,23 @@ class FrameReader:
     # -- helpers of _read ----------------------------------------------------------------------------
 
     def _remask(self, buf: bytes, pos: int, hlen: int, end: int, pieces: list[bytes | bytearray]) -> None:
-        """A whole client frame, re-masked with a fresh key in one XOR with the combined key. A large
-        frame's header and payload stay separate pieces: joining them would copy the payload."""
+        """A whole client frame, re-masked with a fresh key. A small frame's payload is unmasked, then
+        masked (two XORs over a few bytes cost less than combining the keys); a large one's is XORed once
+        with the combined key, and its header and payload stay separate pieces: joining them would copy
+        the payload."""
         new_key = MASKS.next()
-        combined = (
-            int.from_bytes(buf[pos + hlen - 4 : pos + hlen], "little") ^ int.from_bytes(new_key, "little")
-        ).to_bytes(4, "little")
-        payload = apply_mask(buf[pos + hlen : end], combined)
+        key_at = pos + hlen - 4
         if end - pos < 4096:
-            _append_small(pieces, buf[pos : pos + hlen - 4] + new_key, payload)
-        else:
-            pieces.append(buf[pos : pos + hlen - 4] + new_key)
-            pieces.append(payload)
+            payload = bytearray(buf[key_at + 4 : end])
+            mask_in_place(payload, buf[key_at : key_at + 4])
+            mask_in_place(payload, new_key)
+            _append_small(pieces, buf[pos:key_at] + new_key, payload)
+            return
+        combined = (
+            int.from_bytes(buf[key_at : key_at + 4], "little") ^ int.from_bytes(new_key, "little")
+        ).to_bytes(4, "little")
+        pieces.append(buf[pos:key_at] + new_key)
+        pieces.append(apply_mask(buf[key_at + 4 : end], combined))
 
     def _plain(self, buf: bytes, start: int, stop: int, key_at: int, offset: int) -> bytes | bytearray:
         """Payload bytes ``buf[start:stop]`` unmasked (the key at ``key_at``; ``offset`` into the frame)."""

@@ -18,14 +18,14 @@ import json
 from collections.abc import Callable
 from enum import StrEnum
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final
 
 import fastjsonschema
 
 from proxy.errors import CloseCode
 from proxy.policy.model import MessageRate, MessageRules
 
-_TEXT = 1
+_TEXT: Final = 1
 
 
 @lru_cache(maxsize=64)
