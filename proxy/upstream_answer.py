@@ -58,12 +58,17 @@ class AnswerReader:
     def __init__(self) -> None:
         self._received = bytearray()
         self._headers: list[tuple[bytes, bytes]] = []
-        #: The final status llhttp has read (0 before), checked once its headers are complete.
+        #: Answers llhttp began to read: a 101 read by it must be the first (an interim 1xx goes to h11).
+        self._answers = 0
+        #: The status llhttp has read (0 before), checked once its headers are complete.
         self._status = 0
         self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._h11: h11.Connection | None = None
 
     # httptools' callbacks
+    def on_message_begin(self) -> None:
+        self._answers += 1
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
 
@@ -80,7 +85,7 @@ class AnswerReader:
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            if self._status == 101 and all(map(_h11_would_take, self._headers)):
+            if self._answers == 1 and self._status == 101 and self._h11_would_take():
                 return Answer(_text_headers(self._headers), bytes(data[upgrade.args[0] :]))
             return self._receive_h11(b"")
         except httptools.HttpParserError:
@@ -90,6 +95,20 @@ class AnswerReader:
             # decided before, so an endpoint is marked failing for exactly the answers it was before
             return self._receive_h11(b"")
         return None
+
+    def _h11_would_take(self) -> bool:
+        """Whether h11 reads this 101 as llhttp did: llhttp is laxer in places (controls in the reason
+        phrase or a value, a blank line before the status line, body headers on a 101, which h11 refuses)."""
+        received = self._received
+        end = received.find(b"\r\n")
+        if end < 0 or _STATUS_LINE.fullmatch(received, 0, end) is None:
+            return False
+        for name, value in self._headers:
+            if _FIELD_NAME.fullmatch(name) is None or _FIELD_VALUE.fullmatch(value.strip(b" \t")) is None:
+                return False
+            if name.lower() in _BODY_HEADERS:
+                return False
+        return True
 
     def _receive_h11(self, data: bytes) -> Answer | None:
         if self._h11 is None:
@@ -124,12 +143,10 @@ def _refuse(status: int) -> None:
 #: A header name (RFC 9110 5.1: a token) and value as h11 reads them: no NUL, no whitespace but inner SP/HTAB.
 _FIELD_NAME = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _FIELD_VALUE = re.compile(rb"([^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
-
-
-def _h11_would_take(header: tuple[bytes, bytes]) -> bool:
-    """Whether h11 reads this header as llhttp did (llhttp is laxer in places, e.g. on some controls)."""
-    name, value = header
-    return _FIELD_NAME.fullmatch(name) is not None and _FIELD_VALUE.fullmatch(value.strip(b" \t")) is not None
+#: A status line as h11 reads it (RFC 9112 4): version, code, and a reason of SP, HTAB and visible bytes.
+_STATUS_LINE = re.compile(rb"HTTP/[0-9]\.[0-9] [0-9]{3}(?: (?:[ \t]|[^\x00\s])*)?")
+#: Headers that give a message a body: h11 judges a 101 carrying them.
+_BODY_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
 
 
 def _text_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:

@@ -102,6 +102,9 @@ def test_a_common_101_is_read_by_llhttp_with_what_follows() -> None:
     assert reader._h11 is None  # the fast path took it
 
 
+UPGRADE = b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+
+
 @pytest.mark.parametrize(
     ("answer", "expected"),
     [
@@ -114,11 +117,29 @@ def test_a_common_101_is_read_by_llhttp_with_what_follows() -> None:
         (b"HTTP/1.1 101 OK\r\nX: a\r\n b\r\n\r\n", "101"),  # obs-fold: h11 joins the lines
         (b"HTTP/1.1 101 OK\r\nX: a\x0bb\r\n\r\n", "unreachable"),
         (b"HTTP/1.1 101 OK\r\n" + b"X: " + b"a" * 20000 + b"\r\n\r\n", "101"),  # whole in one read
+        # llhttp takes these as 101s; h11 refuses them (and so the reader, as it always did)
+        (b"HTTP/1.1 101 OK\r\n" + UPGRADE + b"Transfer-Encoding: gzip\r\n\r\n", "unreachable"),
+        (b"HTTP/1.1 101 OK\r\n" + UPGRADE + b"Transfer-Encoding: chunked\r\n" * 2 + b"\r\n", "unreachable"),
+        (b"HTTP/1.1 101 OK\r\n" + UPGRADE + b"Content-Length: 0\r\n\r\n", "101"),
+        (b"HTTP/1.1 101 Sw\x0bitch\r\n" + UPGRADE + b"\r\n", "unreachable"),
+        (b"HTTP/1.1 101 Sw\x00itch\r\n" + UPGRADE + b"\r\n", "unreachable"),
+        (b"\r\nHTTP/1.1 101 OK\r\n" + UPGRADE + b"\r\n", "unreachable"),
     ],
 )
 def test_unusual_answers_are_judged_as_h11_judges_them(answer: bytes, expected: str) -> None:
     assert reader_answer([answer])[0] == expected
     assert reader_answer([answer]) == h11_answer([answer])
+
+
+def test_an_interim_answer_in_the_same_read_lends_the_101_none_of_its_headers() -> None:
+    answer = (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\nSec-WebSocket-Extensions: x\r\n\r\n"
+        b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    )
+    for pieces in ([answer], [answer[:40], answer[40:]]):
+        kind, detail = reader_answer(pieces)
+        assert (kind, detail) == h11_answer(pieces)
+        assert kind == "101" and [name for name, _ in detail[0]] == ["upgrade", "connection"]
 
 
 def test_a_head_longer_than_the_bound_is_refused_while_it_is_incomplete() -> None:
@@ -127,7 +148,17 @@ def test_a_head_longer_than_the_bound_is_refused_while_it_is_incomplete() -> Non
 
 
 header_names = st.sampled_from(
-    ["Upgrade", "Connection", "Sec-WebSocket-Accept", "X-A", "x-b", "Bad Name", ""]
+    [
+        "Transfer-Encoding",
+        "Content-Length",
+        "Upgrade",
+        "Connection",
+        "Sec-WebSocket-Accept",
+        "X-A",
+        "x-b",
+        "Bad Name",
+        "",
+    ]
 )
 header_values = st.binary(max_size=12) | st.sampled_from([b"websocket", b"Upgrade", b" v ", b"a\tb", b"\xe9"])
 statuses = st.sampled_from([b"101", b"100", b"200", b"302", b"403", b"502", b"1O1", b"99"])
@@ -137,11 +168,16 @@ statuses = st.sampled_from([b"101", b"100", b"200", b"302", b"403", b"502", b"1O
 def answers(draw: st.DrawFn) -> bytes:
     newline = draw(st.sampled_from([b"\r\n", b"\n"]))
     version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2", b"http/1.1"]))
-    lines = [version + b" " + draw(statuses) + b" " + draw(st.sampled_from([b"OK", b"", b"Switching"]))]
+    reason = draw(st.sampled_from([b"OK", b"", b"Switching", b"Sw\x0bitch", b"a\tb", b"\xe9t\xe9"]))
+    lines = [version + b" " + draw(statuses) + b" " + reason]
+    if draw(st.booleans()):  # llhttp reads a 101 as an upgrade only with these
+        lines += [b"Upgrade: websocket", b"Connection: Upgrade"]
     for _ in range(draw(st.integers(0, 5))):
         separator = draw(st.sampled_from([b": ", b":", b" : "]))
         lines.append(draw(header_names).encode() + separator + draw(header_values))
     data = newline.join(lines) + newline + newline + draw(st.binary(max_size=8))
+    interim = draw(st.sampled_from([b"", b"HTTP/1.1 100 Continue\r\nX-A: 1\r\n\r\n", b"\r\n"]))
+    data = interim + data
     if draw(st.booleans()):
         at = draw(st.integers(0, len(data)))
         data = data[:at] + draw(st.binary(min_size=1, max_size=3)) + data[at:]
