@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO
@@ -54,18 +55,21 @@ class TextFormatter(logging.Formatter):
 
 
 class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes the lines of one event-loop iteration together, in one write, at the end of the iteration.
+    """Writes the lines of one event-loop iteration together, at the end of the iteration.
 
     A busy gateway logs two lines per session (``session.open``, ``session.close``); written one by one,
     each costs a system call and a wakeup of whatever reads the stream. Lines are never held longer than
-    the loop iteration that logged them, keep their order, and are written at once when no event loop
+    the loop iteration that logged them and keep their order; they are written at once when no event loop
     runs in the logging thread (start-up, shut-down, other threads) or when the handler is flushed (as
-    ``logging.shutdown`` does at exit).
+    ``logging.shutdown`` does at exit). Each write is at most :data:`PIPE_BUF` bytes of whole lines, so
+    that on a pipe shared by several workers no other process's write lands inside a line; a line that
+    cannot be written (one the stream cannot encode) is reported alone, and the others are written.
     """
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
         self._pending: list[str] = []
+        self._scheduled = False
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -74,29 +78,61 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.handleError(record)
             return
         self._pending.append(line)
-        if len(self._pending) > 1:
-            return  # a flush is already scheduled
         try:
-            asyncio.get_running_loop().call_soon(self.flush)
+            loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop runs in this thread: nothing would flush later
             self.flush()
+            return
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self.acquire()
         try:
-            if self._pending:
-                lines, self._pending = self._pending, []
+            self._scheduled = False
+            lines, self._pending = self._pending, []
+            for chunk in _chunks(lines):
                 try:
-                    self.stream.write("\n".join(lines) + "\n")
-                    self.stream.flush()
-                except (OSError, ValueError):  # a closed or broken stream: as StreamHandler, never raise
-                    logging.Handler.handleError(self, _flush_record)
+                    self.stream.write(chunk)
+                except (OSError, ValueError):  # a broken stream, or a line it cannot encode
+                    self._write_one_by_one(chunk)
+            if lines:
+                self.stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: as StreamHandler, never raise
+            logging.Handler.handleError(self, _flush_record)
         finally:
             self.release()
 
+    def _write_one_by_one(self, chunk: str) -> None:
+        for line in chunk.splitlines(keepends=True):
+            try:
+                self.stream.write(line)
+            except (OSError, ValueError):
+                logging.Handler.handleError(self, _flush_record)
 
-#: What a failed flush reports through ``handleError`` (the lines it lost are no single record).
-_flush_record = logging.LogRecord("wsgate", logging.ERROR, __file__, 0, "log lines lost", None, None)
+
+#: The bytes a write to a pipe may carry and still never interleave with another process's (POSIX).
+PIPE_BUF = 4096
+
+
+def _chunks(lines: list[str]) -> Iterator[str]:
+    """Whole lines joined into pieces of at most :data:`PIPE_BUF` bytes (a longer line is one piece)."""
+    piece: list[str] = []
+    size = 0
+    for line in lines:
+        length = (len(line) if line.isascii() else len(line.encode("utf-8", "replace"))) + 1
+        if piece and size + length > PIPE_BUF:
+            yield "\n".join(piece) + "\n"
+            piece, size = [], 0
+        piece.append(line)
+        size += length
+    if piece:
+        yield "\n".join(piece) + "\n"
+
+
+#: What a failed write reports through ``handleError`` (the line it lost is no single record).
+_flush_record = logging.LogRecord("wsgate", logging.ERROR, __file__, 0, "log line lost", None, None)
 
 
 def _timestamp(created: float) -> str:

@@ -72,3 +72,42 @@ def test_timestamps_keep_their_milliseconds_within_one_second() -> None:
     assert logs._timestamp(1796000000.5) == "2026-11-30T00:53:20.500Z"
     assert logs._timestamp(1796000000.25) == "2026-11-30T00:53:20.250Z"
     assert logs._timestamp(1796000001.0) == "2026-11-30T00:53:21.000Z"
+
+
+async def test_a_line_the_stream_cannot_write_costs_only_itself() -> None:
+    stream = CountingStream()
+    handler = handler_on(stream)
+    bad = record(2)
+    bad.fields = {"n": 2, "subject": "\ud800"}  # a lone surrogate, as a JSON claim may carry
+    original = stream.write
+
+    def strict_write(text: str) -> int:
+        text.encode("utf-8")  # what a UTF-8 stdout does
+        return original(text)
+
+    stream.write = strict_write  # type: ignore[method-assign]
+    for entry in (record(1), bad, record(3)):
+        handler.handle(entry)
+    await asyncio.sleep(0)
+    assert [json.loads(line)["n"] for line in stream.getvalue().splitlines()] == [1, 3]
+
+
+async def test_writes_of_many_lines_stay_within_pipe_buf_and_end_at_line_ends() -> None:
+    stream = CountingStream()
+    pieces: list[str] = []
+    original = stream.write
+
+    def recording_write(text: str) -> int:
+        pieces.append(text)
+        return original(text)
+
+    stream.write = recording_write  # type: ignore[method-assign]
+    handler = handler_on(stream)
+    for number in range(200):
+        entry = record(number)
+        entry.fields = {"n": number, "detail": "é" * 100}
+        handler.handle(entry)
+    await asyncio.sleep(0)
+    assert len(pieces) > 1
+    assert all(len(piece.encode()) <= logs.PIPE_BUF and piece.endswith("\n") for piece in pieces)
+    assert [json.loads(line)["n"] for line in stream.getvalue().splitlines()] == list(range(200))
