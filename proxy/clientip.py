@@ -9,11 +9,22 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 #: How many addresses the parsing helpers remember: the peers and forwarded hops seen most recently
 #: (the same balancer or client comes back at every handshake); bounded whatever the traffic.
 _REMEMBERED = 4096
+#: The longest text remembered: an IP address (IPv6 with a zone, or IPv4-mapped) is shorter; a forwarded
+#: hop may be kilobytes of junk, which is parsed but not kept.
+_LONGEST_ADDRESS = 64
+
+
+def normalize_ip(address: str) -> str:
+    """An IP as text, with IPv4-mapped IPv6 (``::ffff:1.2.3.4``) unwrapped and IPv6 zone ids dropped."""
+    return _normalize_remembered(address) if len(address) <= _LONGEST_ADDRESS else _normalize(address)
 
 
 @lru_cache(maxsize=_REMEMBERED)
-def normalize_ip(address: str) -> str:
-    """An IP as text, with IPv4-mapped IPv6 (``::ffff:1.2.3.4``) unwrapped and IPv6 zone ids dropped."""
+def _normalize_remembered(address: str) -> str:
+    return _normalize(address)
+
+
+def _normalize(address: str) -> str:
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
@@ -30,8 +41,16 @@ def peer_ip(peername: object) -> str:
     return "unknown"
 
 
-@lru_cache(maxsize=_REMEMBERED)
 def _parse(address: str) -> IPv4Address | IPv6Address | None:
+    return _parse_remembered(address) if len(address) <= _LONGEST_ADDRESS else _parse_address(address)
+
+
+@lru_cache(maxsize=_REMEMBERED)
+def _parse_remembered(address: str) -> IPv4Address | IPv6Address | None:
+    return _parse_address(address)
+
+
+def _parse_address(address: str) -> IPv4Address | IPv6Address | None:
     try:
         ip = ipaddress.ip_address(address.strip().split("%", 1)[0])
     except ValueError:

@@ -46,6 +46,8 @@ from proxy.policy.values import (
 T = TypeVar("T")
 
 TOKEN_SOURCES = ("header", "query", "cookie", "subprotocol")
+#: What a request target may hold as it is written (RFC 9112 3.2: no spaces, no controls).
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]*")
 HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 #: Headers a claim may not be written into: the handshake's own, the token's, and those the gateway sets.
 RESERVED_HEADERS = frozenset(
@@ -160,6 +162,9 @@ def read_upstream(source: Source, node: yaml.Node, path: str) -> Upstream:
         source.fail(node, path, "upstream URL must not contain a user or password")
     if split.fragment or url.endswith("#"):
         source.fail(node, path, "upstream URL must not contain a fragment")
+    if not _VISIBLE_ASCII.fullmatch(split.path + split.query):
+        # it is written into the request line as it is
+        source.fail(node, path, "upstream URL path and query must be visible ASCII (percent-encode the rest)")
     secure = split.scheme == "wss"
     return Upstream(
         url=url,
@@ -257,8 +262,10 @@ def read_auth_names(source: Source, node: yaml.Node, path: str) -> tuple[str, ..
 
 def read_request_target(source: Source, node: yaml.Node, path: str) -> str:
     target = read_str(source, node, path)
-    if not target.startswith("/") or any(char in target for char in "# \t\r\n"):
-        source.fail(node, path, "expected a path starting with / (a query may follow; no # or spaces)")
+    if not target.startswith("/") or "#" in target or not _VISIBLE_ASCII.fullmatch(target):
+        source.fail(
+            node, path, "expected a path starting with / (a query may follow; visible ASCII, no # or spaces)"
+        )
     return target
 
 
@@ -331,7 +338,7 @@ def read_forward_claims(source: Source, node: yaml.Node, path: str) -> tuple[tup
     for key_node, value_node in node.value:
         claim = read_str(source, key_node, path)
         header = read_str(source, value_node, f"{path}.{claim}")
-        if not HEADER_NAME.match(header) or header.lower() in RESERVED_HEADERS:
+        if not HEADER_NAME.fullmatch(header) or header.lower() in RESERVED_HEADERS:
             source.fail(value_node, f"{path}.{claim}", f"{header!r} cannot carry a claim")
         pairs.append((claim, header))
     return tuple(pairs)
@@ -358,7 +365,7 @@ def read_subject_patterns(source: Source, node: yaml.Node, path: str) -> tuple[S
 
 def read_forwarded_header(source: Source, node: yaml.Node, path: str) -> str:
     header = read_str(source, node, path)
-    if not HEADER_NAME.match(header) or header.lower() in RESERVED_HEADERS:
+    if not HEADER_NAME.fullmatch(header) or header.lower() in RESERVED_HEADERS:
         source.fail(node, path, f"{header!r} cannot carry a certificate's value")
     return header
 
@@ -500,7 +507,9 @@ AUTH_NAMES = Kind(
     {"anyOf": [_STRING, {"type": "array", "items": _STRING, "minItems": 1, "uniqueItems": True}]},
     show=lambda value: ", ".join(value) if value else "none",
 )
-REQUEST_TARGET = Kind("path[?query]", read_request_target, {"type": "string", "pattern": "^/[^# \t\r\n]*$"})
+REQUEST_TARGET = Kind(
+    "path[?query]", read_request_target, {"type": "string", "pattern": "^/[\\x21\\x22\\x24-\\x7e]*$"}
+)
 TLS_VERSION = Kind('"1.2" / "1.3"', read_tls_version, {"enum": ["1.2", "1.3", 1.2, 1.3]})
 ALGORITHM_LIST = Kind(
     "algorithms",
