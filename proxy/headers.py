@@ -12,6 +12,10 @@ from collections.abc import Iterable
 
 Headers = Iterable[tuple[str, str]]
 
+#: The bytes of an HTTP token (RFC 9110 5.6.2 tchar, h11's ``token``): what a method and a header name
+#: are made of. ``not name.translate(None, TOKEN_BYTES)`` says a non-empty name is a token.
+TOKEN_BYTES = b"-!#$%&'*+.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
 
 def header_value(headers: Headers, name: str) -> str | None:
     """The first value of header ``name`` (lower case), or None."""

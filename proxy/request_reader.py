@@ -37,6 +37,7 @@ import h11
 import httptools
 
 from proxy.errors import ProxyHeaderError, Rejection, RejectionTemplate
+from proxy.headers import TOKEN_BYTES
 from proxy.policy.values import routing_host
 from proxy.proxyproto import parse_proxy_header
 
@@ -279,8 +280,6 @@ class _HeadParts:
         self.complete = True
 
 
-#: h11's tchar (``h11._abnf.token``): what a method and a header name are made of.
-_TOKEN_BYTES = b"-!#$%&'*+.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 #: h11's request-target bytes (``h11._abnf.request_target``): VCHAR.
 _TARGET_BYTES = bytes(range(0x21, 0x7F))
 
@@ -312,11 +311,11 @@ def _parse_plain_head(head: bytes) -> tuple[str, str, tuple[tuple[str, str], ...
         parts.complete
         and parser.get_http_version() == "1.1"
         and method
-        and not method.translate(None, _TOKEN_BYTES)
+        and not method.translate(None, TOKEN_BYTES)
         and target
         and not target.translate(None, _TARGET_BYTES)
         and all(names)
-        and not b"".join(names).translate(None, _TOKEN_BYTES)
+        and not b"".join(names).translate(None, TOKEN_BYTES)
     ):
         return None
     lines = b"\r\n".join(map(b": ".join, zip(names, values, strict=True)))

@@ -21,6 +21,7 @@ import h11
 import httptools
 
 from proxy.errors import UpstreamError, UpstreamUnreachable
+from proxy.headers import TOKEN_BYTES
 
 #: What h11 must have sent to read a 101 as the switch it asked for (its bytes are not used).
 _H11_REQUEST_HEADERS = [(b"host", b"upstream"), (b"connection", b"Upgrade"), (b"upgrade", b"websocket")]
@@ -104,9 +105,8 @@ class AnswerReader:
         if end < 0 or _STATUS_LINE.fullmatch(received, 0, end) is None:
             return False
         for name, value in self._headers:
-            if _FIELD_NAME.fullmatch(name) is None or _FIELD_VALUE.fullmatch(value.strip(b" \t")) is None:
-                return False
-            if name.lower() in _BODY_HEADERS:
+            token = name and not name.translate(None, TOKEN_BYTES)
+            if not token or not _FIELD_VALUE.fullmatch(value.strip(b" \t")) or name.lower() in _BODY_HEADERS:
                 return False
         return True
 
@@ -140,8 +140,7 @@ def _refuse(status: int) -> None:
     raise error(f"upstream answered HTTP {status} instead of 101")
 
 
-#: A header name (RFC 9110 5.1: a token) and value as h11 reads them: no NUL, no whitespace but inner SP/HTAB.
-_FIELD_NAME = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
+#: A header value as h11 reads it: no NUL, no whitespace but inner SP and HTAB.
 _FIELD_VALUE = re.compile(rb"([^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
 #: A status line as h11 reads it (RFC 9112 4): version, code, and a reason of SP, HTAB and visible bytes.
 _STATUS_LINE = re.compile(rb"HTTP/[0-9]\.[0-9] [0-9]{3}(?: (?:[ \t]|[^\x00\s])*)?")
